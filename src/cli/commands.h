@@ -1,0 +1,12 @@
+#pragma once
+// Each subcommand lives in its own file and adds itself to the app here; main.cpp only wires them up.
+#include <CLI/CLI.hpp>
+
+namespace moescope::cli {
+
+void add_generate(CLI::App& app);
+void add_tokenize(CLI::App& app);
+void add_make_model(CLI::App& app);
+void add_bench(CLI::App& app);
+
+}  // namespace moescope::cli
