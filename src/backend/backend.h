@@ -1,0 +1,44 @@
+#pragma once
+// The device boundary: a Backend runs a forward pass for a Batch and keeps the KV cache. The engine
+// decides what runs (scheduling, sampling); the backend is the only code that knows the device.
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "model/weights.h"
+#include "routing/routing_sink.h"
+
+namespace moescope {
+
+// One sequence's share of a pass: new tokens at positions start_pos, start_pos + 1, ...
+// A prefill has many tokens; a decode has one. Both kinds may share a pass.
+struct BatchSequence {
+  int cache_id = -1;                // the backend's KV cache for this sequence (create_cache())
+  int32_t start_pos = 0;            // positions [0, start_pos) are already in the cache
+  std::span<const int32_t> tokens;  // [n_new] token ids
+  std::string req_id;               // request id, for routing records
+};
+
+struct Batch {
+  int64_t forward_pass_id = 0;
+  std::vector<BatchSequence> sequences;
+  int num_tokens() const;
+};
+
+// The routing sink's view of a batch (per-token sequence index and position, mode, lengths).
+PassInfo make_pass_info(const Batch& batch);
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const ModelConfig& config() const = 0;
+  virtual int create_cache() = 0;
+  virtual void free_cache(int cache_id) = 0;
+  // Runs every layer for the batch. logits: [num_sequences, vocab_size], the last new token of each
+  // sequence. When sink is set it sees begin_pass, every MoE layer's routes, and end_pass.
+  virtual void forward(const Batch& batch, RoutingSink* sink, std::vector<float>& logits) = 0;
+};
+
+}  // namespace moescope

@@ -1,0 +1,29 @@
+#pragma once
+// Everything a command needs from a model directory: weights, tokenizer (optional), chat template,
+// and the ids that end generation.
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "model/weights.h"
+#include "tokenizer/chat_template.h"
+#include "tokenizer/tokenizer.h"
+
+namespace moescope {
+
+struct LoadedModel {
+  std::string name;                        // directory name, for messages and the routing log
+  std::shared_ptr<const ModelWeights> weights;
+  std::optional<Tokenizer> tokenizer;      // absent: prompts and outputs are token ids
+  ChatTemplate chat_template;
+  std::vector<int32_t> eos_token_ids;      // config.json, generation_config.json and the tokenizer's eos
+};
+
+LoadedModel load_model(const std::filesystem::path& dir);
+
+// "1,2,3" or "1 2 3" -> ids; throws Error naming the bad entry.
+std::vector<int32_t> parse_ids(const std::string& text);
+
+}  // namespace moescope
