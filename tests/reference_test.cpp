@@ -1,0 +1,166 @@
+// The acceptance test that matters: the CPU backend against Hugging Face transformers on the same
+// weights. Fixtures (tests/fixtures/reference/<case>/) are made by tools/make_reference_fixtures.py
+// with transformers itself: bf16 checkpoints, fp32 logits of the last prompt position, 24 greedy tokens
+// and every MoE layer's top-k ids and weights for every prompt token.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "backend/cpu/cpu_backend.h"
+#include "engine/engine.h"
+#include "test_util.h"
+#include "util/json.h"
+
+namespace moescope {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr double k_logit_rel_tol = 1e-4;   // max |ours - ref| / max |ref|
+constexpr double k_weight_tol = 1e-5;      // routing weights, absolute
+constexpr double k_route_tie = 1e-5;       // a top-k margin below this is a near-tie, reported not failed
+constexpr double k_greedy_tie = 1e-4;      // a top-1/top-2 logit gap below this is a near-tie
+
+fs::path fixtures_dir() { return test::source_dir() / "tests" / "fixtures" / "reference"; }
+
+std::vector<std::string> case_names() {
+  std::vector<std::string> names;
+  if (fs::is_directory(fixtures_dir()))
+    for (const auto& entry : fs::directory_iterator(fixtures_dir()))
+      if (fs::exists(entry.path() / "reference.json")) names.push_back(entry.path().filename().string());
+  std::sort(names.begin(), names.end());
+  if (names.empty()) names.push_back("missing_fixtures");  // a test that fails, never an empty suite
+  return names;
+}
+
+class ReferenceTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    dir_ = fixtures_dir() / GetParam();
+    ASSERT_TRUE(fs::exists(dir_ / "reference.json"))
+        << "no reference fixtures under " << fixtures_dir() << ": run tools/make_reference_fixtures.py (tools/README.md)";
+    reference_ = read_json_file(dir_ / "reference.json");
+    weights_ = std::make_shared<const ModelWeights>(ModelWeights::load(dir_));
+  }
+
+  fs::path dir_;
+  Json reference_;
+  std::shared_ptr<const ModelWeights> weights_;
+};
+
+// Compares one prompt's routes with the reference; near-ties are printed and counted, not failed.
+void expect_routes_equal(const test::CaptureSink& sink, const Json& ref_routes, size_t token_offset, size_t num_tokens,
+                         const std::string& label, int* near_ties) {
+  double max_weight_diff = 0.0;
+  for (const Json& layer_ref : ref_routes) {
+    const int layer = layer_ref["layer"].get<int>();
+    ASSERT_TRUE(sink.routes.count(layer)) << label << ": no routes recorded for MoE layer " << layer;
+    const auto& got = sink.routes.at(layer);
+    ASSERT_GE(got.ids.size(), token_offset + num_tokens) << label << " layer " << layer;
+    for (size_t t = 0; t < num_tokens; ++t) {
+      const auto ref_ids = layer_ref["topk_ids"][t].get<std::vector<int32_t>>();
+      const auto ref_weights = layer_ref["topk_weights"][t].get<std::vector<double>>();
+      const double margin = layer_ref["margin"][t].get<double>();
+      const auto& ids = got.ids[token_offset + t];
+      const auto& weights = got.weights[token_offset + t];
+      if (ids != ref_ids) {
+        if (margin < k_route_tie) {
+          ++*near_ties;
+          std::printf("  near-tie reported: %s layer %d token %zu margin %.3g (ids differ)\n", label.c_str(), layer, t, margin);
+          continue;
+        }
+        ADD_FAILURE() << label << " layer " << layer << " token " << t << ": top-k ids differ (margin " << margin << ")";
+        continue;
+      }
+      for (size_t j = 0; j < ids.size(); ++j) {
+        const double diff = std::fabs(weights[j] - ref_weights[j]);
+        max_weight_diff = std::max(max_weight_diff, diff);
+        EXPECT_LE(diff, k_weight_tol) << label << " layer " << layer << " token " << t << " slot " << j;
+      }
+    }
+  }
+  std::printf("  %s: routes of %zu tokens x %zu MoE layers, max weight diff %.3g\n", label.c_str(), num_tokens,
+              ref_routes.size(), max_weight_diff);
+}
+
+TEST_P(ReferenceTest, LogitsRoutesAndGreedyTokensMatchTransformers) {
+  const ModelConfig& c = weights_->config;
+  EXPECT_EQ(std::string(to_string(c.arch)), reference_["arch"].get<std::string>());
+  std::vector<int> sparse;
+  for (int l = 0; l < c.num_hidden_layers; ++l)
+    if (c.layer_is_moe[l]) sparse.push_back(l);
+  EXPECT_EQ(sparse, reference_["sparse_layers"].get<std::vector<int>>());
+
+  int near_ties = 0;
+  const Json& prompts = reference_["prompts"];
+  ASSERT_FALSE(prompts.empty());
+  for (size_t p = 0; p < prompts.size(); ++p) {
+    const Json& ref = prompts[p];
+    const auto prompt = ref["prompt_ids"].get<std::vector<int32_t>>();
+    const std::string label = GetParam() + " prompt " + std::to_string(p);
+
+    // Prefill: logits of the last position and every prompt token's routes.
+    cpu::CpuBackend backend(weights_);
+    test::CaptureSink sink;
+    Batch batch;
+    batch.sequences.push_back({backend.create_cache(), 0, prompt, "r0"});
+    std::vector<float> logits;
+    backend.forward(batch, &sink, logits);
+    const auto ref_logits = ref["last_logits"].get<std::vector<double>>();
+    ASSERT_EQ(logits.size(), ref_logits.size());
+    double max_diff = 0.0, max_ref = 0.0;
+    for (size_t i = 0; i < logits.size(); ++i) {
+      max_diff = std::max(max_diff, std::fabs(logits[i] - ref_logits[i]));
+      max_ref = std::max(max_ref, std::fabs(ref_logits[i]));
+    }
+    std::printf("  %s: last-position logits max |diff| %.3g, relative %.3g (max |ref| %.3g)\n", label.c_str(), max_diff,
+                max_diff / max_ref, max_ref);
+    EXPECT_LE(max_diff / max_ref, k_logit_rel_tol) << label;
+    expect_routes_equal(sink, ref["routes"], 0, prompt.size(), label, &near_ties);
+
+    // Greedy continuation of 24 tokens through the engine (prefill, then one decode per token).
+    Engine engine(backend, EngineOptions{});
+    engine.add_request({"g", prompt, SamplingParams{}, 24, true});
+    const auto out = engine.run_to_completion();
+    ASSERT_EQ(out.size(), 1u);
+    const auto ref_greedy = ref["greedy_ids"].get<std::vector<int32_t>>();
+    const auto margins = ref["greedy_margins"].get<std::vector<double>>();
+    ASSERT_EQ(out[0].output_ids.size(), ref_greedy.size());
+    for (size_t i = 0; i < ref_greedy.size(); ++i) {
+      if (out[0].output_ids[i] == ref_greedy[i]) continue;
+      if (margins[i] < k_greedy_tie) {  // later tokens follow a different prefix: nothing more to compare
+        ++near_ties;
+        std::printf("  near-tie reported: %s greedy step %zu margin %.3g; compared %zu of 24 tokens\n", label.c_str(), i,
+                    margins[i], i);
+        break;
+      }
+      ADD_FAILURE() << label << ": greedy token " << i << " is " << out[0].output_ids[i] << ", reference "
+                    << ref_greedy[i] << " (margin " << margins[i] << ")";
+      break;
+    }
+  }
+
+  // Both prompts in one pass (two prefills sharing a batch) give the same routes as alone.
+  if (prompts.size() >= 2) {
+    cpu::CpuBackend backend(weights_);
+    test::CaptureSink sink;
+    const auto a = prompts[0]["prompt_ids"].get<std::vector<int32_t>>();
+    const auto b = prompts[1]["prompt_ids"].get<std::vector<int32_t>>();
+    Batch batch;
+    batch.sequences.push_back({backend.create_cache(), 0, a, "a"});
+    batch.sequences.push_back({backend.create_cache(), 0, b, "b"});
+    std::vector<float> logits;
+    backend.forward(batch, &sink, logits);
+    expect_routes_equal(sink, prompts[0]["routes"], 0, a.size(), GetParam() + " batched prompt 0", &near_ties);
+    expect_routes_equal(sink, prompts[1]["routes"], a.size(), b.size(), GetParam() + " batched prompt 1", &near_ties);
+  }
+  RecordProperty("near_ties", near_ties);
+  std::printf("  %s: %d near-ties reported\n", GetParam().c_str(), near_ties);
+}
+
+INSTANTIATE_TEST_SUITE_P(Transformers, ReferenceTest, ::testing::ValuesIn(case_names()),
+                         [](const auto& info) { return info.param; });
+
+}  // namespace
+}  // namespace moescope

@@ -1,0 +1,89 @@
+#pragma once
+// Shared test helpers: temporary directories, running the moescope binary, and a routing sink that
+// keeps every route it sees.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <filesystem>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "routing/routing_sink.h"
+
+namespace moescope::test {
+
+inline std::filesystem::path source_dir() { return MOESCOPE_SOURCE_DIR; }
+inline std::filesystem::path binary() { return MOESCOPE_BINARY; }
+
+// A fresh directory under the system temp dir, removed when the object goes out of scope.
+class TempDir {
+ public:
+  TempDir() {
+    static std::atomic<int> counter{0};
+    path_ = std::filesystem::temp_directory_path() /
+            ("moescope-test-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
+    std::filesystem::remove_all(path_);
+    std::filesystem::create_directories(path_);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+  std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+struct CommandResult {
+  int exit_code = -1;
+  std::string output;  // stdout and stderr together
+};
+
+// Runs a shell command line, capturing its output.
+inline CommandResult run_command(const std::string& command) {
+  CommandResult result;
+  FILE* pipe = ::popen((command + " 2>&1").c_str(), "r");
+  if (pipe == nullptr) return result;
+  char buffer[4096];
+  size_t n;
+  while ((n = std::fread(buffer, 1, sizeof buffer, pipe)) > 0) result.output.append(buffer, n);
+  const int status = ::pclose(pipe);
+  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return result;
+}
+
+// Runs `moescope ARGS`.
+inline CommandResult run_moescope(const std::string& args) { return run_command(binary().string() + " " + args); }
+
+// Keeps every (layer -> [tokens][k]) route of the passes it sees, in pass order.
+class CaptureSink : public RoutingSink {
+ public:
+  struct LayerRoutes {
+    std::vector<std::vector<int32_t>> ids;     // [tokens][top_k]
+    std::vector<std::vector<float>> weights;   // [tokens][top_k]
+  };
+  void begin_pass(const PassInfo& pass) override { passes.push_back(pass); }
+  void on_layer(int layer, int num_tokens, int top_k, std::span<const int32_t> topk_ids,
+                std::span<const float> topk_weights) override {
+    LayerRoutes& r = routes[layer];
+    for (int t = 0; t < num_tokens; ++t) {
+      r.ids.emplace_back(topk_ids.begin() + t * top_k, topk_ids.begin() + (t + 1) * top_k);
+      r.weights.emplace_back(topk_weights.begin() + t * top_k, topk_weights.begin() + (t + 1) * top_k);
+    }
+  }
+  void end_pass(const PassInfo&, double latency) override { latencies.push_back(latency); }
+
+  std::map<int, LayerRoutes> routes;
+  std::vector<PassInfo> passes;
+  std::vector<double> latencies;
+};
+
+}  // namespace moescope::test
