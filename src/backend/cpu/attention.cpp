@@ -64,7 +64,9 @@ void attention(float* out, const float* x, const TokenLayout& layout, int layer,
   // Causal attention of each (token, head) over positions 0..pos of its own sequence.
   std::vector<float> attn(static_cast<size_t>(num_tokens) * q_size);  // [T, heads * head_dim]
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-#pragma omp parallel for collapse(2) schedule(dynamic)
+  // Small passes (a tiny model, a short context) are not worth waking the thread team for.
+  const int64_t work = static_cast<int64_t>(num_tokens) * c.num_attention_heads * hd * (layout.token_pos.back() + 1);
+#pragma omp parallel for collapse(2) schedule(dynamic) if (work > (1 << 16))
   for (int t = 0; t < num_tokens; ++t) {
     for (int h = 0; h < c.num_attention_heads; ++h) {
       const int32_t pos = layout.token_pos[t];
