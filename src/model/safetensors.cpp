@@ -116,6 +116,7 @@ WeightStore WeightStore::open(const std::filesystem::path& model_dir) {
     return store.files_.size() - 1;
   };
   if (std::filesystem::exists(index_path)) {
+    store.source_ = index_path;
     const Json index = read_json_file(index_path);
     if (!index.contains("weight_map") || !index["weight_map"].is_object())
       fail("{}: missing \"weight_map\" object", index_path.string());
@@ -140,6 +141,7 @@ WeightStore WeightStore::open(const std::filesystem::path& model_dir) {
       store.file_index_.emplace(name, it->second);
     }
   } else if (std::filesystem::exists(single_path)) {
+    store.source_ = single_path;
     const size_t i = add_file(single_path);
     for (const auto& [name, t] : store.files_[i]->tensors()) {
       store.tensors_.emplace(name, t);
@@ -158,7 +160,7 @@ std::string WeightStore::file_of(const std::string& name) const {
 
 const TensorView& WeightStore::get(const std::string& name) const {
   auto it = tensors_.find(name);
-  if (it == tensors_.end()) fail("{}: missing tensor {}", dir_.string(), name);
+  if (it == tensors_.end()) fail("{}: missing tensor {}", source_.string(), name);
   return it->second;
 }
 

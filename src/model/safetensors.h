@@ -48,7 +48,8 @@ class WeightStore {
   static WeightStore open(const std::filesystem::path& model_dir);
 
   bool contains(const std::string& name) const { return tensors_.count(name) != 0; }
-  // Throws Error naming the tensor and the directory when it is missing.
+  // Throws Error naming the tensor and the file that should hold it (model.safetensors or the index)
+  // when it is missing.
   const TensorView& get(const std::string& name) const;
   // Like get(), and checks the shape: "model.layers.0.mlp.gate.weight: shape [8, 63], expected [8, 64]".
   const TensorView& get(const std::string& name, const std::vector<int64_t>& shape) const;
@@ -58,6 +59,7 @@ class WeightStore {
 
  private:
   std::filesystem::path dir_;
+  std::filesystem::path source_;  // model.safetensors or model.safetensors.index.json, for messages
   std::vector<std::shared_ptr<SafetensorsFile>> files_;
   std::map<std::string, TensorView> tensors_;
   std::map<std::string, size_t> file_index_;  // tensor -> files_ index
