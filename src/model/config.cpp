@@ -1,11 +1,33 @@
 #include "model/config.h"
 
 #include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
 
 #include "util/error.h"
 
 namespace moescope {
 namespace {
+
+// Whether `value` converts to T without loss. nlohmann's get<int>() alone would turn 2.9 into 2, true
+// into 1 and 1e10 into garbage, so a bad config would load with the wrong sizes instead of failing.
+template <typename T>
+bool holds(const Json& value) {
+  if constexpr (std::is_same_v<T, bool>) {
+    return value.is_boolean();
+  } else if constexpr (std::is_integral_v<T>) {
+    if (value.is_number_unsigned()) return value.get<uint64_t>() <= static_cast<uint64_t>(std::numeric_limits<T>::max());
+    return value.is_number_integer() && value.get<int64_t>() >= std::numeric_limits<T>::min() &&
+           value.get<int64_t>() <= std::numeric_limits<T>::max();
+  } else if constexpr (std::is_floating_point_v<T>) {
+    return value.is_number();
+  } else if constexpr (std::is_same_v<T, std::vector<int>>) {
+    return value.is_array() && std::all_of(value.begin(), value.end(), [](const Json& v) { return holds<int>(v); });
+  } else {
+    return true;  // strings: get<T>() checks them
+  }
+}
 
 // Reads an optional key, trying each spelling in turn (old and new transformers key styles).
 template <typename T>
@@ -13,11 +35,15 @@ bool read_key(const Json& json, std::initializer_list<const char*> keys, T* out,
   for (const char* key : keys) {
     auto it = json.find(key);
     if (it == json.end() || it->is_null()) continue;
-    try {
-      *out = it->get<T>();
-    } catch (const Json::exception&) {
-      fail("{}: key \"{}\" has the wrong type ({})", source, key, it->type_name());
+    bool ok = holds<T>(*it);
+    if (ok) {
+      try {
+        *out = it->get<T>();
+      } catch (const Json::exception&) {
+        ok = false;
+      }
     }
+    if (!ok) fail("{}: key \"{}\" has the wrong type or range ({} {})", source, key, it->type_name(), it->dump());
     return true;
   }
   return false;
