@@ -1,4 +1,233 @@
+// moescope bench [MODEL] [--device cpu]: prefill and decode throughput beside the machine's memory
+// bandwidth floor, with the spread over repeats and a checksum of the generated ids.
+#include <fmt/chrono.h>
+#include <fmt/format.h>
+#include <omp.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <fstream>
+#include <random>
+#include <set>
+
+#include "backend/cpu/bandwidth.h"
+#include "backend/cpu/cpu_backend.h"
 #include "cli/commands.h"
+#include "cli/device.h"
+#include "engine/sampler.h"
+#include "model/make_model.h"
+#include "util/error.h"
+#include "util/json.h"
+
 namespace moescope::cli {
-void add_bench(CLI::App& app) { app.add_subcommand("bench", "Benchmark (not yet written)"); }
+namespace {
+
+struct BenchArgs {
+  std::string model;
+  std::vector<std::string> presets;
+  int prompt_tokens = 128;
+  int decode_tokens = 32;
+  std::vector<int> batch_sizes = {1, 4, 16};
+  int repeats = 5;
+  std::string device = "auto";
+  std::string json_out;
+  std::string command_line;
+};
+
+struct Spread {
+  double median = 0, min = 0, max = 0;
+};
+Spread spread(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return {v[v.size() / 2], v.front(), v.back()};
+}
+
+std::string cpu_model_name() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
+  return "unknown CPU";
+}
+
+// Counts, per pass, the bytes of routed-expert weights read: distinct experts per MoE layer.
+class ExpertBytesSink : public RoutingSink {
+ public:
+  explicit ExpertBytesSink(size_t bytes_per_expert) : bytes_per_expert_(bytes_per_expert) {}
+  void on_layer(int, int num_tokens, int top_k, std::span<const int32_t> ids, std::span<const float>) override {
+    std::set<int32_t> distinct(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(num_tokens) * top_k);
+    bytes += distinct.size() * bytes_per_expert_;
+  }
+  size_t bytes = 0;
+
+ private:
+  size_t bytes_per_expert_;
+};
+
+uint64_t fnv1a(const std::vector<int32_t>& ids, uint64_t h = 0xcbf29ce484222325ull) {
+  for (int32_t id : ids)
+    for (int b = 0; b < 4; ++b) h = (h ^ ((static_cast<uint32_t>(id) >> (8 * b)) & 0xff)) * 0x100000001b3ull;
+  return h;
+}
+
+Json bench_model(const std::filesystem::path& dir, const std::string& label, const BenchArgs& a, double bandwidth_gb_s) {
+  auto weights = std::make_shared<const ModelWeights>(ModelWeights::load(dir));
+  const ModelConfig& c = weights->config;
+  const size_t dsize = dtype_size(weights->embed_tokens.dtype);
+  const size_t expert_bytes = 3 * static_cast<size_t>(c.moe_intermediate_size) * c.hidden_size * dsize;
+  size_t routed_total = 0;
+  for (const auto& l : weights->layers)
+    for (const auto& e : l.experts) routed_total += e.gate_proj.nbytes() + e.up_proj.nbytes() + e.down_proj.nbytes();
+  const bool tied = weights->lm_head.data == weights->embed_tokens.data;
+  // Read by every decode step whatever the routing: all but the routed experts and the embedding table
+  // (of which only the batch's rows are read, unless it doubles as the LM head).
+  const size_t dense_bytes = weights->total_bytes() - routed_total - (tied ? 0 : weights->embed_tokens.nbytes());
+
+  fmt::print("\n== {} ({}: {} layers, hidden {}, {} experts top-{}, {:.1f} MB of weights) ==\n", label, c.architecture,
+             c.num_hidden_layers, c.hidden_size, c.num_experts, c.num_experts_per_tok, weights->total_bytes() / 1e6);
+  Json result = {{"model", label}, {"architecture", c.architecture}, {"weight_bytes", weights->total_bytes()}};
+
+  std::mt19937 rng(1234);
+  std::uniform_int_distribution<int32_t> token(0, c.vocab_size - 1);
+  auto random_prompt = [&] {
+    std::vector<int32_t> p(a.prompt_tokens);
+    for (auto& t : p) t = token(rng);
+    return p;
+  };
+
+  // Prefill: one sequence of prompt_tokens.
+  {
+    const auto prompt = random_prompt();
+    std::vector<double> rates;
+    for (int r = 0; r < a.repeats; ++r) {
+      cpu::CpuBackend backend(weights);
+      Batch batch;
+      batch.sequences.push_back({backend.create_cache(), 0, prompt, "p"});
+      std::vector<float> logits;
+      const auto t0 = std::chrono::steady_clock::now();
+      backend.forward(batch, nullptr, logits);
+      rates.push_back(a.prompt_tokens / std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    const Spread s = spread(rates);
+    fmt::print("prefill 1x{:<5}  {:10.1f} tok/s  (min {:.1f}, max {:.1f} over {} runs)\n", a.prompt_tokens, s.median, s.min,
+               s.max, a.repeats);
+    result["prefill"] = {{"tokens", a.prompt_tokens}, {"tokens_per_s_median", s.median}, {"min", s.min}, {"max", s.max}};
+  }
+
+  // Decode: batch_size sequences, each after a prompt of prompt_tokens, decode_tokens greedy steps.
+  fmt::print("{:>6} {:>12} {:>22} {:>14} {:>14} {:>8}\n", "batch", "decode tok/s", "(min, max)", "weight MB/step",
+             "floor tok/s", "ratio");
+  uint64_t checksum = 0xcbf29ce484222325ull;
+  Json decode = Json::array();
+  for (int batch_size : a.batch_sizes) {
+    std::vector<std::vector<int32_t>> prompts;
+    for (int b = 0; b < batch_size; ++b) prompts.push_back(random_prompt());
+    std::vector<double> rates;
+    std::vector<int32_t> first_ids;
+    double bytes_per_step = 0.0;
+    bool deterministic = true;
+    for (int r = 0; r < a.repeats; ++r) {
+      cpu::CpuBackend backend(weights);
+      Batch prefill;
+      std::vector<int> caches;
+      for (int b = 0; b < batch_size; ++b) {
+        caches.push_back(backend.create_cache());
+        prefill.sequences.push_back({caches.back(), 0, prompts[b], fmt::format("s{}", b)});
+      }
+      std::vector<float> logits;
+      backend.forward(prefill, nullptr, logits);
+      std::vector<int32_t> next(batch_size), ids;
+      ExpertBytesSink sink(expert_bytes);
+      double seconds = 0.0;
+      for (int step = 0; step < a.decode_tokens; ++step) {
+        for (int b = 0; b < batch_size; ++b) {
+          next[b] = argmax(std::span<const float>(logits.data() + static_cast<size_t>(b) * c.vocab_size, c.vocab_size));
+          ids.push_back(next[b]);
+        }
+        Batch batch;
+        for (int b = 0; b < batch_size; ++b)
+          batch.sequences.push_back({caches[b], a.prompt_tokens + step, std::span<const int32_t>(&next[b], 1), fmt::format("s{}", b)});
+        const auto t0 = std::chrono::steady_clock::now();
+        backend.forward(batch, &sink, logits);
+        seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      }
+      rates.push_back(static_cast<double>(batch_size) * a.decode_tokens / seconds);
+      bytes_per_step = static_cast<double>(dense_bytes + static_cast<size_t>(batch_size) * c.hidden_size * dsize) +
+                       static_cast<double>(sink.bytes) / a.decode_tokens;
+      if (r == 0) first_ids = ids;
+      deterministic &= ids == first_ids;
+    }
+    checksum = fnv1a(first_ids, checksum);
+    const Spread s = spread(rates);
+    const double floor_tok_s = batch_size / (bytes_per_step / (bandwidth_gb_s * 1e9));
+    fmt::print("{:>6} {:>12.1f} {:>22} {:>14.2f} {:>14.1f} {:>8.2f}{}\n", batch_size, s.median,
+               fmt::format("({:.1f}, {:.1f})", s.min, s.max), bytes_per_step / 1e6, floor_tok_s, s.median / floor_tok_s,
+               deterministic ? "" : "  NONDETERMINISTIC");
+    decode.push_back({{"batch_size", batch_size}, {"tokens_per_s_median", s.median}, {"min", s.min}, {"max", s.max},
+                      {"weight_bytes_per_step", bytes_per_step}, {"floor_tokens_per_s", floor_tok_s},
+                      {"ratio_to_floor", s.median / floor_tok_s}, {"deterministic", deterministic}});
+  }
+  fmt::print("checksum of generated ids: {:016x}\n", checksum);
+  result["decode"] = decode;
+  result["checksum"] = fmt::format("{:016x}", checksum);
+  return result;
+}
+
+void run_bench(const BenchArgs& a) {
+  if (a.device == "cuda") fail("bench --device cuda: this build has no CUDA backend; use --device cpu");
+  if (a.repeats < 1 || a.prompt_tokens < 1 || a.decode_tokens < 1) fail("bench: --repeats, --prompt-tokens and --decode-tokens must be positive");
+  for (int b : a.batch_sizes)
+    if (b < 1) fail("bench: batch sizes must be positive");
+
+  char host[256] = {};
+  ::gethostname(host, sizeof host - 1);
+  fmt::print("moescope bench  {:%Y-%m-%d %H:%M:%S}\n", fmt::localtime(std::time(nullptr)));
+  fmt::print("command: {}\n", a.command_line);
+  fmt::print("machine: {}, {} OpenMP threads, device cpu\n", cpu_model_name(), omp_get_max_threads());
+  const auto bw = cpu::measure_read_bandwidth();
+  fmt::print("memory read bandwidth: {:.2f} GB/s best, {:.2f} median, {:.2f} min ({} runs over {:.0f} MB); the floor uses the best\n",
+             bw.best_gb_per_s, bw.median_gb_per_s, bw.min_gb_per_s, bw.repeats, bw.bytes / 1e6);
+  Json report = {{"command", a.command_line}, {"cpu", cpu_model_name()}, {"threads", omp_get_max_threads()},
+                 {"bandwidth_gb_per_s", {{"best", bw.best_gb_per_s}, {"median", bw.median_gb_per_s}, {"min", bw.min_gb_per_s}}},
+                 {"models", Json::array()}};
+
+  if (!a.model.empty()) {
+    report["models"].push_back(bench_model(a.model, a.model, a, bw.best_gb_per_s));
+  } else {
+    for (const std::string& preset : a.presets.empty() ? std::vector<std::string>{"tiny", "small"} : a.presets) {
+      const auto dir = std::filesystem::temp_directory_path() / fmt::format("moescope-bench-{}-{}", preset, ::getpid());
+      write_random_checkpoint(dir, make_model_config("qwen2_moe", preset), 0);
+      try {
+        report["models"].push_back(bench_model(dir, "preset " + preset + " (qwen2_moe, seed 0)", a, bw.best_gb_per_s));
+      } catch (...) {
+        std::filesystem::remove_all(dir);
+        throw;
+      }
+      std::filesystem::remove_all(dir);
+    }
+  }
+  if (!a.json_out.empty()) write_text_file(a.json_out, report.dump(2) + "\n");
+}
+
+}  // namespace
+
+void add_bench(CLI::App& app) {
+  auto args = std::make_shared<BenchArgs>();
+  CLI::App* cmd = app.add_subcommand("bench", "Prefill/decode throughput beside the memory-bandwidth floor");
+  cmd->add_option("model", args->model, "Model directory (default: the tiny and small presets)");
+  cmd->add_option("--preset", args->presets, "Benchmark these make-model presets (qwen2_moe) instead of a directory")
+      ->check(CLI::IsMember({"tiny", "small", "qwen1.5-moe-a2.7b"}));
+  cmd->add_option("--prompt-tokens", args->prompt_tokens, "Prompt length")->capture_default_str();
+  cmd->add_option("--decode-tokens", args->decode_tokens, "Decode steps timed per run")->capture_default_str();
+  cmd->add_option("--batch", args->batch_sizes, "Decode batch sizes")->delimiter(',')->capture_default_str();
+  cmd->add_option("--repeats", args->repeats, "Runs per figure (median and spread are reported)")->capture_default_str();
+  cmd->add_option("--json", args->json_out, "Also write the figures as JSON to this file");
+  add_device_option(cmd, args->device);
+  cmd->callback([args] {
+    args->command_line = command_line;
+    run_bench(*args);
+  });
+}
+
 }  // namespace moescope::cli

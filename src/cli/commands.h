@@ -1,8 +1,12 @@
 #pragma once
 // Each subcommand lives in its own file and adds itself to the app here; main.cpp only wires them up.
 #include <CLI/CLI.hpp>
+#include <string>
 
 namespace moescope::cli {
+
+// The command line as typed, for benchmark reports.
+inline std::string command_line;
 
 void add_generate(CLI::App& app);
 void add_tokenize(CLI::App& app);

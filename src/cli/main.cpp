@@ -12,6 +12,7 @@ int main(int argc, char** argv) {
   CLI::App app{"moescope: an inference server for Mixture-of-Experts models that shows expert routing"};
   app.set_version_flag("--version", std::string("moescope ") + MOESCOPE_VERSION);
   app.require_subcommand(1);
+  for (int i = 0; i < argc; ++i) moescope::cli::command_line += (i ? " " : "") + std::string(argv[i]);
   moescope::cli::add_generate(app);
   moescope::cli::add_tokenize(app);
   moescope::cli::add_make_model(app);

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Installs the dependencies, fetches the test fixtures, builds moescope and its tests, runs them all.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+bash scripts/fetch_fixtures.sh
+bash scripts/build.sh
+ctest --test-dir build --output-on-failure -j "$(nproc)"
