@@ -29,9 +29,10 @@ void attention(float* out, const float* x, const TokenLayout& layout, int layer,
   std::vector<float> q(static_cast<size_t>(num_tokens) * q_size);   // [T, heads * head_dim]
   std::vector<float> k(static_cast<size_t>(num_tokens) * kv_size);  // [T, kv_heads * head_dim]
   std::vector<float> v(static_cast<size_t>(num_tokens) * kv_size);  // [T, kv_heads * head_dim]
-  matmul(q.data(), x, num_tokens, w.q_proj, w.q_bias);
-  matmul(k.data(), x, num_tokens, w.k_proj, w.k_bias);
-  matmul(v.data(), x, num_tokens, w.v_proj, w.v_bias);
+  const MatmulJob qkv[] = {{q.data(), x, num_tokens, &w.q_proj, 0, q_size, &w.q_bias},
+                           {k.data(), x, num_tokens, &w.k_proj, 0, kv_size, &w.k_bias},
+                           {v.data(), x, num_tokens, &w.v_proj, 0, kv_size, &w.v_bias}};
+  matmul_jobs(qkv);
 
   if (c.qk_norm == QkNorm::Full) {  // OLMoE: over the whole projection
     rms_norm(q.data(), q.data(), num_tokens, q_size, w.q_norm, c.rms_norm_eps);
