@@ -10,6 +10,8 @@
 namespace moescope::cpu {
 namespace {
 
+constexpr int64_t k_unit_rows = 8;  // rows of one work unit (the decode tile's height)
+
 inline float hsum(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
   lo = _mm_add_ps(lo, hi);
@@ -25,127 +27,85 @@ inline __m256 load8(const uint16_t* p, DType dtype) {
   return _mm256_cvtph_ps(h);
 }
 
+// Eight weights of a row widened to f32 (bf16 and f16 widen exactly).
 template <DType D>
-float dot_impl(const float* x, const void* row, int64_t k) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+inline __m256 load_w8(const void* row, int64_t i) {
+  if constexpr (D == DType::F32) return _mm256_loadu_ps(static_cast<const float*>(row) + i);
+  else return load8(static_cast<const uint16_t*>(row) + i, D);
+}
+
+template <DType D>
+inline float load_w1(const void* row, int64_t i) {
+  if constexpr (D == DType::F32) return static_cast<const float*>(row)[i];
+  else if constexpr (D == DType::BF16) return bf16_to_f32(static_cast<const uint16_t*>(row)[i]);
+  else return f16_to_f32(static_cast<const uint16_t*>(row)[i]);
+}
+
+// The one dot-product kernel: an R-row by T-token tile, one 8-lane accumulator per (row, token),
+// stepped over k in eights, then a fixed horizontal sum and the scalar tail in order. Every matmul
+// goes through it, so a token's result does not depend on how many rows or tokens share its tile:
+// a sequence gets bit-identical logits and routes whatever batch it runs in.
+// x: [T, k] with row stride x_stride; rows: R rows of w, row_bytes apart; y[t * y_stride + r].
+template <DType D, int R, int T>
+void dot_tile(const float* x, int64_t x_stride, const char* rows, size_t row_bytes, int64_t k, float* y, int64_t y_stride) {
+  __m256 acc[R][T];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
   int64_t i = 0;
-  if constexpr (D == DType::F32) {
-    const float* w = static_cast<const float*>(row);
-    for (; i + 32 <= k; i += 32) {
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(w + i), a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(w + i + 8), a1);
-      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 16), _mm256_loadu_ps(w + i + 16), a2);
-      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 24), _mm256_loadu_ps(w + i + 24), a3);
+  for (; i + 8 <= k; i += 8) {
+    __m256 xs[T];
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) xs[t] = _mm256_loadu_ps(x + t * x_stride + i);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 w = load_w8<D>(rows + r * row_bytes, i);
+#pragma GCC unroll 4
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm256_fmadd_ps(xs[t], w, acc[r][t]);
     }
-    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; i < k; ++i) s += x[i] * w[i];
-    return s;
-  } else {
-    const uint16_t* w = static_cast<const uint16_t*>(row);
-    for (; i + 32 <= k; i += 32) {
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), load8(w + i, D), a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), load8(w + i + 8, D), a1);
-      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 16), load8(w + i + 16, D), a2);
-      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 24), load8(w + i + 24, D), a3);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      float s = hsum(acc[r][t]);
+      for (int64_t j = i; j < k; ++j) s = std::fma(x[t * x_stride + j], load_w1<D>(rows + r * row_bytes, j), s);
+      y[t * y_stride + r] = s;
     }
-    for (; i + 8 <= k; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), load8(w + i, D), a0);
-    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; i < k; ++i) s += x[i] * (D == DType::BF16 ? bf16_to_f32(w[i]) : f16_to_f32(w[i]));
-    return s;
-  }
 }
 
-float dot_any(const float* x, const void* row, int64_t k, DType dtype) {
-  switch (dtype) {
-    case DType::F32: return dot_impl<DType::F32>(x, row, k);
-    case DType::BF16: return dot_impl<DType::BF16>(x, row, k);
-    case DType::F16: return dot_impl<DType::F16>(x, row, k);
-  }
-  return 0.0f;
-}
-
-// Four rows at once for a single token: x is loaded once for all four, and the eight accumulator
-// chains (two per row) keep both FMA pipes busy. rows: the first of four rows, row_bytes apart.
+// Rows [n, n_end) of one job, n_end - n <= 8, read straight from the mapping in their file dtype.
+// A decode (one token) takes the rows eight at a time; a pass of several tokens takes four rows by
+// three tokens at a time, so each weight row is loaded once per three tokens.
 template <DType D>
-inline __m256 load_w8(const char* row, int64_t i) {
-  if constexpr (D == DType::F32) return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + i);
-  else return load8(reinterpret_cast<const uint16_t*>(row) + i, D);
-}
-
-template <DType D>
-float scalar_w(const char* row, int64_t i) {
-  if constexpr (D == DType::F32) return reinterpret_cast<const float*>(row)[i];
-  else if constexpr (D == DType::BF16) return bf16_to_f32(reinterpret_cast<const uint16_t*>(row)[i]);
-  else return f16_to_f32(reinterpret_cast<const uint16_t*>(row)[i]);
-}
-
-template <DType D>
-void dot4_impl(const float* x, const char* rows, size_t row_bytes, int64_t k, float* out) {
-  const char *r0 = rows, *r1 = rows + row_bytes, *r2 = rows + 2 * row_bytes, *r3 = rows + 3 * row_bytes;
-  __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0;
-  int64_t i = 0;
-  for (; i + 16 <= k; i += 16) {
-    const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
-    a0 = _mm256_fmadd_ps(x0, load_w8<D>(r0, i), a0);
-    b0 = _mm256_fmadd_ps(x1, load_w8<D>(r0, i + 8), b0);
-    a1 = _mm256_fmadd_ps(x0, load_w8<D>(r1, i), a1);
-    b1 = _mm256_fmadd_ps(x1, load_w8<D>(r1, i + 8), b1);
-    a2 = _mm256_fmadd_ps(x0, load_w8<D>(r2, i), a2);
-    b2 = _mm256_fmadd_ps(x1, load_w8<D>(r2, i + 8), b2);
-    a3 = _mm256_fmadd_ps(x0, load_w8<D>(r3, i), a3);
-    b3 = _mm256_fmadd_ps(x1, load_w8<D>(r3, i + 8), b3);
-  }
-  out[0] = hsum(_mm256_add_ps(a0, b0));
-  out[1] = hsum(_mm256_add_ps(a1, b1));
-  out[2] = hsum(_mm256_add_ps(a2, b2));
-  out[3] = hsum(_mm256_add_ps(a3, b3));
-  for (; i < k; ++i) {
-    out[0] += x[i] * scalar_w<D>(r0, i);
-    out[1] += x[i] * scalar_w<D>(r1, i);
-    out[2] += x[i] * scalar_w<D>(r2, i);
-    out[3] += x[i] * scalar_w<D>(r3, i);
-  }
-}
-
-void dot4_any(const float* x, const char* rows, size_t row_bytes, int64_t k, DType dtype, float* out) {
-  switch (dtype) {
-    case DType::F32: return dot4_impl<DType::F32>(x, rows, row_bytes, k, out);
-    case DType::BF16: return dot4_impl<DType::BF16>(x, rows, row_bytes, k, out);
-    case DType::F16: return dot4_impl<DType::F16>(x, rows, row_bytes, k, out);
-  }
-}
-
-// Rows [n, n_end) of one job: a decode (one token) streams each row once through dot_any; a pass of
-// several tokens widens each row to f32 once and reuses it for every token.
-void run_rows(const MatmulJob& job, int64_t n, int64_t n_end, std::vector<float>& widened) {
+void run_rows_typed(const MatmulJob& job, int64_t n, int64_t n_end) {
   const TensorView& w = *job.w;
   const int64_t k = w.cols(), n_out = job.row_end - job.row_begin;
   const size_t row_bytes = static_cast<size_t>(k) * dtype_size(w.dtype);
-  const char* base = static_cast<const char*>(w.data);
-  auto bias = [&](int64_t r) { return job.bias == nullptr || job.bias->empty() ? 0.0f : element(*job.bias, r); };
-  if (job.num_tokens == 1) {  // decode: each row streamed once, four rows at a time
-    int64_t r = n;
-    for (; r + 4 <= n_end; r += 4) {
-      float* y = job.y + (r - job.row_begin);
-      dot4_any(job.x, base + static_cast<size_t>(r) * row_bytes, row_bytes, k, w.dtype, y);
-      for (int i = 0; i < 4; ++i) y[i] += bias(r + i);
-    }
-    for (; r < n_end; ++r)
-      job.y[r - job.row_begin] = dot_any(job.x, base + static_cast<size_t>(r) * row_bytes, k, w.dtype) + bias(r);
-    return;
+  const char* rows = static_cast<const char*>(w.data) + static_cast<size_t>(n) * row_bytes;
+  const int num_rows = static_cast<int>(n_end - n), num_tokens = job.num_tokens;
+  float* y = job.y + (n - job.row_begin);
+  int r = 0;
+  if (num_tokens == 1 && num_rows == 8) {
+    dot_tile<D, 8, 1>(job.x, k, rows, row_bytes, k, y, n_out);
+    r = 8;
   }
-  for (int64_t r = n; r < n_end; ++r) {
-    const void* row = base + static_cast<size_t>(r) * row_bytes;
-    const float* row_f32 = static_cast<const float*>(row);
-    if (w.dtype != DType::F32) {
-      widened.resize(static_cast<size_t>(k));
-      to_f32(w.dtype, row, widened.data(), static_cast<size_t>(k));
-      row_f32 = widened.data();
-    }
-    const float b = bias(r);
-    for (int t = 0; t < job.num_tokens; ++t)
-      job.y[static_cast<int64_t>(t) * n_out + (r - job.row_begin)] =
-          dot_impl<DType::F32>(job.x + static_cast<int64_t>(t) * k, row_f32, k) + b;
+  for (; r + 4 <= num_rows; r += 4) {
+    int t = 0;
+    for (; t + 3 <= num_tokens; t += 3) dot_tile<D, 4, 3>(job.x + t * k, k, rows + r * row_bytes, row_bytes, k, y + t * n_out + r, n_out);
+    for (; t < num_tokens; ++t) dot_tile<D, 4, 1>(job.x + t * k, k, rows + r * row_bytes, row_bytes, k, y + t * n_out + r, n_out);
+  }
+  for (; r < num_rows; ++r)
+    for (int t = 0; t < num_tokens; ++t) dot_tile<D, 1, 1>(job.x + t * k, k, rows + r * row_bytes, row_bytes, k, y + t * n_out + r, n_out);
+  if (job.bias != nullptr && !job.bias->empty())
+    for (int t = 0; t < num_tokens; ++t)
+      for (int i = 0; i < num_rows; ++i) y[t * n_out + i] += element(*job.bias, n + i);
+}
+
+void run_rows(const MatmulJob& job, int64_t n, int64_t n_end) {
+  switch (job.w->dtype) {
+    case DType::F32: return run_rows_typed<DType::F32>(job, n, n_end);
+    case DType::BF16: return run_rows_typed<DType::BF16>(job, n, n_end);
+    case DType::F16: return run_rows_typed<DType::F16>(job, n, n_end);
   }
 }
 
@@ -160,29 +120,30 @@ float element(const TensorView& t, int64_t i) {
   return 0.0f;
 }
 
-float dot_row(const float* x, const TensorView& w, int64_t r) { return dot_any(x, w.row(r), w.cols(), w.dtype); }
+float dot_row(const float* x, const TensorView& w, int64_t r) {
+  float y = 0.0f;
+  const MatmulJob job{&y, x, 1, &w, r, r + 1, nullptr};
+  run_rows(job, r, r + 1);
+  return y;
+}
 
 void matmul_jobs(std::span<const MatmulJob> jobs) {
-  // Work units of four rows over all jobs, split statically: one fork and join for all the jobs, and
+  // Work units of eight rows over all jobs, split statically: one fork and join for all the jobs, and
   // each weight row read by one thread once.
   std::vector<std::pair<int, int64_t>> units;  // (job, first row)
   int64_t work = 0;
   for (size_t j = 0; j < jobs.size(); ++j) {
-    for (int64_t n = jobs[j].row_begin; n < jobs[j].row_end; n += 4) units.emplace_back(static_cast<int>(j), n);
+    for (int64_t n = jobs[j].row_begin; n < jobs[j].row_end; n += k_unit_rows) units.emplace_back(static_cast<int>(j), n);
     work += (jobs[j].row_end - jobs[j].row_begin) * jobs[j].w->cols() * jobs[j].num_tokens;
   }
   // Small products are not worth waking the thread team for.
   const int threads = work < (1 << 15) ? 1 : omp_get_max_threads();
   const int64_t num_units = static_cast<int64_t>(units.size());
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<float> widened;  // one weight row in f32, reused by every token of a job
-#pragma omp for schedule(static)
-    for (int64_t u = 0; u < num_units; ++u) {
-      const MatmulJob& job = jobs[units[u].first];
-      const int64_t n = units[u].second;
-      run_rows(job, n, std::min(n + 4, job.row_end), widened);
-    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t u = 0; u < num_units; ++u) {
+    const MatmulJob& job = jobs[units[u].first];
+    const int64_t n = units[u].second;
+    run_rows(job, n, std::min(n + k_unit_rows, job.row_end));
   }
 }
 
