@@ -128,22 +128,38 @@ float dot_row(const float* x, const TensorView& w, int64_t r) {
 }
 
 void matmul_jobs(std::span<const MatmulJob> jobs) {
-  // Work units of eight rows over all jobs, split statically: one fork and join for all the jobs, and
-  // each weight row read by one thread once.
-  std::vector<std::pair<int, int64_t>> units;  // (job, first row)
-  int64_t work = 0;
+  // Work units of eight rows over all jobs, one fork and join for all of them. Each thread takes a
+  // contiguous run of units of equal cost (rows x cols x tokens), not of equal count: the jobs of one
+  // call can differ in width (an expert's down projection beside the wider shared expert's).
+  struct Unit {
+    int job;
+    int64_t first_row;
+    int64_t cost_end;  // cost of this unit and all before it
+  };
+  std::vector<Unit> units;
+  int64_t cost = 0;
   for (size_t j = 0; j < jobs.size(); ++j) {
-    for (int64_t n = jobs[j].row_begin; n < jobs[j].row_end; n += k_unit_rows) units.emplace_back(static_cast<int>(j), n);
-    work += (jobs[j].row_end - jobs[j].row_begin) * jobs[j].w->cols() * jobs[j].num_tokens;
+    const int64_t row_cost = jobs[j].w->cols() * jobs[j].num_tokens;
+    for (int64_t n = jobs[j].row_begin; n < jobs[j].row_end; n += k_unit_rows) {
+      cost += std::min(k_unit_rows, jobs[j].row_end - n) * row_cost;
+      units.push_back({static_cast<int>(j), n, cost});
+    }
   }
   // Small products are not worth waking the thread team for.
-  const int threads = work < (1 << 15) ? 1 : omp_get_max_threads();
-  const int64_t num_units = static_cast<int64_t>(units.size());
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t u = 0; u < num_units; ++u) {
-    const MatmulJob& job = jobs[units[u].first];
-    const int64_t n = units[u].second;
-    run_rows(job, n, std::min(n + k_unit_rows, job.row_end));
+  const int threads = cost < (1 << 15) ? 1 : omp_get_max_threads();
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
+    // Thread `me` runs the units whose cost ends in (cost * me / team, cost * (me + 1) / team].
+    auto first_unit_after = [&](int64_t c) {
+      return std::upper_bound(units.begin(), units.end(), c, [](int64_t v, const Unit& u) { return v < u.cost_end; }) - units.begin();
+    };
+    const auto begin = me == 0 ? 0 : first_unit_after(cost * me / team);
+    const auto end = first_unit_after(cost * (me + 1) / team);
+    for (auto u = begin; u < end; ++u) {
+      const MatmulJob& job = jobs[units[u].job];
+      run_rows(job, units[u].first_row, std::min(units[u].first_row + k_unit_rows, job.row_end));
+    }
   }
 }
 
