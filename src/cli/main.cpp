@@ -17,10 +17,14 @@ int main(int argc, char** argv) {
   moescope::cli::add_tokenize(app);
   moescope::cli::add_make_model(app);
   moescope::cli::add_bench(app);
+  moescope::cli::add_report(app);
+  moescope::cli::add_prompts(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
+  } catch (const moescope::cli::ExitStatus& e) {
+    return e.code;
   } catch (const moescope::Error& e) {
     fmt::print(stderr, "error: {}\n", e.what());
     return 1;

@@ -1,0 +1,185 @@
+#include "analysis/plot_style.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdlib>
+
+#include "util/error.h"
+
+namespace moescope::analysis {
+
+Rgb viridis(double t) {
+  // Anchors sampled from the viridis map (van der Walt & Smith, matplotlib 2015) every 0.1, plus 0.95
+  // where the map bends towards yellow; straight segments between them stay close to the full table.
+  struct Anchor {
+    double t;
+    Rgb c;
+  };
+  static constexpr std::array<Anchor, 12> anchors{{{0.00, {0.267, 0.005, 0.329}},
+                                                   {0.10, {0.283, 0.141, 0.458}},
+                                                   {0.20, {0.254, 0.265, 0.530}},
+                                                   {0.30, {0.207, 0.372, 0.553}},
+                                                   {0.40, {0.164, 0.471, 0.558}},
+                                                   {0.50, {0.128, 0.567, 0.551}},
+                                                   {0.60, {0.135, 0.659, 0.518}},
+                                                   {0.70, {0.267, 0.749, 0.441}},
+                                                   {0.80, {0.478, 0.821, 0.318}},
+                                                   {0.90, {0.741, 0.873, 0.150}},
+                                                   {0.95, {0.866, 0.890, 0.096}},
+                                                   {1.00, {0.993, 0.906, 0.144}}}};
+  if (!(t > 0.0)) return anchors.front().c;  // also NaN
+  if (t >= 1.0) return anchors.back().c;
+  size_t i = 1;
+  while (anchors[i].t < t) ++i;
+  const Anchor& a = anchors[i - 1];
+  const Anchor& b = anchors[i];
+  const double f = (t - a.t) / (b.t - a.t);
+  return {a.c.r + (b.c.r - a.c.r) * f, a.c.g + (b.c.g - a.c.g) * f, a.c.b + (b.c.b - a.c.b) * f};
+}
+
+namespace plot {
+namespace {
+
+// DejaVu Sans through fontconfig where fontconfig has a configuration; otherwise cairo's built-in
+// stroke font, named directly so that fontconfig does not print "cannot load default config file"
+// on machines without one (the GPU hosts). Where fontconfig runs but finds no font at all, cairo
+// falls back to the same built-in font by itself.
+const char* font_family() {
+  static const char* family = [] {
+    const bool have_config = std::getenv("FONTCONFIG_FILE") != nullptr ||
+                             std::filesystem::exists("/etc/fonts/fonts.conf");
+    return have_config ? "DejaVu Sans" : "@cairo:sans-serif";
+  }();
+  return family;
+}
+
+void select_font(cairo_t* cr, double size, Weight weight) {
+  cairo_select_font_face(cr, font_family(), CAIRO_FONT_SLANT_NORMAL,
+                         weight == Weight::kBold ? CAIRO_FONT_WEIGHT_BOLD : CAIRO_FONT_WEIGHT_NORMAL);
+  cairo_set_font_size(cr, size);
+}
+
+}  // namespace
+
+void set_source(cairo_t* cr, Rgb c, double alpha) { cairo_set_source_rgba(cr, c.r, c.g, c.b, alpha); }
+
+Canvas::Canvas(int width, int height) {
+  surface = cairo_image_surface_create(CAIRO_FORMAT_RGB24, width * k_plot_scale, height * k_plot_scale);
+  cr = cairo_create(surface);
+  if (cairo_status(cr) != CAIRO_STATUS_SUCCESS) fail("plot: cannot create a {}x{} image", width, height);
+  cairo_scale(cr, k_plot_scale, k_plot_scale);
+  cairo_set_source_rgb(cr, 1, 1, 1);
+  cairo_paint(cr);
+  // Antialiased text with grey-scale (not sub-pixel) smoothing: PNGs are viewed on any screen or paper.
+  cairo_font_options_t* options = cairo_font_options_create();
+  cairo_font_options_set_antialias(options, CAIRO_ANTIALIAS_GRAY);
+  cairo_font_options_set_hint_style(options, CAIRO_HINT_STYLE_SLIGHT);
+  cairo_font_options_set_hint_metrics(options, CAIRO_HINT_METRICS_OFF);
+  cairo_set_font_options(cr, options);
+  cairo_font_options_destroy(options);
+}
+
+Canvas::~Canvas() {
+  cairo_destroy(cr);
+  cairo_surface_destroy(surface);
+}
+
+void Canvas::write_png(const std::filesystem::path& path) {
+  if (cairo_status(cr) != CAIRO_STATUS_SUCCESS)
+    fail("{}: drawing failed: {}", path.string(), cairo_status_to_string(cairo_status(cr)));
+  cairo_surface_flush(surface);
+  const cairo_status_t status = cairo_surface_write_to_png(surface, path.c_str());
+  if (status != CAIRO_STATUS_SUCCESS) fail("{}: cannot write PNG: {}", path.string(), cairo_status_to_string(status));
+}
+
+double text_width(cairo_t* cr, const std::string& s, double size, Weight weight) {
+  select_font(cr, size, weight);
+  cairo_text_extents_t e;
+  cairo_text_extents(cr, s.c_str(), &e);
+  return e.x_advance;
+}
+
+void text(cairo_t* cr, const std::string& s, double x, double y, double size, Rgb colour, Align align, Weight weight,
+          bool middle) {
+  select_font(cr, size, weight);
+  cairo_text_extents_t e;
+  cairo_text_extents(cr, s.c_str(), &e);
+  if (align == Align::kCenter) x -= e.x_advance / 2;
+  if (align == Align::kRight) x -= e.x_advance;
+  if (middle) {
+    // Centre on the height of digits and capitals ("0"), so labels line up whatever their letters.
+    cairo_text_extents_t digit;
+    cairo_text_extents(cr, "0", &digit);
+    y -= digit.y_bearing / 2;
+  }
+  set_source(cr, colour);
+  cairo_move_to(cr, x, y);
+  cairo_show_text(cr, s.c_str());
+  cairo_new_path(cr);
+}
+
+void vertical_text(cairo_t* cr, const std::string& s, double x, double y, double size, Rgb colour) {
+  cairo_save(cr);
+  cairo_translate(cr, x, y);
+  cairo_rotate(cr, -M_PI / 2);
+  text(cr, s, 0, 0, size, colour, Align::kCenter, Weight::kNormal, true);
+  cairo_restore(cr);
+}
+
+std::string fit_text(cairo_t* cr, const std::string& s, double size, double max_width, Weight weight) {
+  if (text_width(cr, s, size, weight) <= max_width) return s;
+  std::string cut = s;
+  while (!cut.empty()) {
+    cut.pop_back();
+    // Do not leave half a UTF-8 sequence behind.
+    while (!cut.empty() && (static_cast<unsigned char>(cut.back()) & 0xC0) == 0x80) cut.pop_back();
+    if (!cut.empty() && (static_cast<unsigned char>(cut.back()) & 0x80)) cut.pop_back();
+    if (text_width(cr, cut + "\u2026", size, weight) <= max_width) return cut + "\u2026";
+  }
+  return "\u2026";
+}
+
+Ticks nice_ticks(double max_value, int target, bool integer) {
+  Ticks t;
+  if (!(max_value > 0)) max_value = 1;
+  const double raw = max_value / std::max(target, 1);
+  const double magnitude = std::pow(10.0, std::floor(std::log10(raw)));
+  t.step = 10 * magnitude;
+  for (double m : {1.0, 2.0, 2.5, 5.0, 10.0}) {
+    if (m * magnitude >= raw) {
+      t.step = m * magnitude;
+      break;
+    }
+  }
+  if (integer) t.step = std::max(1.0, std::ceil(t.step));
+  t.top = std::ceil(max_value / t.step - 1e-9) * t.step;
+  for (int i = 0; i * t.step <= t.top + t.step * 1e-6; ++i) t.values.push_back(i * t.step);
+  return t;
+}
+
+std::string thousands(int64_t v) {
+  std::string digits = std::to_string(v < 0 ? -v : v);
+  std::string out;
+  for (size_t i = 0; i < digits.size(); ++i) {
+    if (i && (digits.size() - i) % 3 == 0) out += ',';
+    out += digits[i];
+  }
+  return v < 0 ? "-" + out : out;
+}
+
+std::string percent(double share, int decimals) { return fmt::format("{:.{}f}%", 100.0 * share, decimals); }
+
+std::string tick_label(double v, double step) {
+  if (std::fabs(step - std::round(step)) < 1e-9 && std::fabs(v) >= 1000)
+    return thousands(static_cast<int64_t>(std::llround(v)));
+  int decimals = 0;
+  while (decimals < 6 && std::fabs(step * std::pow(10.0, decimals) - std::round(step * std::pow(10.0, decimals))) > 1e-6)
+    ++decimals;
+  return fmt::format("{:.{}f}", v, decimals);
+}
+
+}  // namespace plot
+}  // namespace moescope::analysis

@@ -1,0 +1,46 @@
+// moescope report ROUTES.jsonl --out-dir DIR [--layer L|all] [--timing timing.json] [--num-experts E]
+#include <fmt/format.h>
+
+#include "analysis/report.h"
+#include "cli/commands.h"
+
+namespace moescope::cli {
+namespace {
+
+struct ReportArgs {
+  std::string routes;
+  std::string out_dir;
+  std::string layer;
+  std::string timing;
+  int num_experts = 0;
+};
+
+void run_report(const ReportArgs& a) {
+  analysis::ReportOptions o;
+  o.routes = a.routes;
+  o.out_dir = a.out_dir;
+  o.layer = a.layer;
+  if (!a.timing.empty()) o.timing = a.timing;
+  if (a.num_experts != 0) o.num_experts = a.num_experts;
+  const analysis::Report report = analysis::write_report(o);
+  fmt::print("{}", report.summary);
+}
+
+}  // namespace
+
+void add_report(CLI::App& app) {
+  auto args = std::make_shared<ReportArgs>();
+  CLI::App* cmd = app.add_subcommand(
+      "report", "Expert histogram, heatmap and load-balance metrics from a routing log or a per_token dump");
+  cmd->add_option("routes", args->routes, "Routes JSONL (MOESCOPE_LOG_MOE log or per_token stream)")->required();
+  cmd->add_option("--out-dir", args->out_dir, "Directory for expert_hist.png, expert_heatmap.png, expert_metrics.json")
+      ->required();
+  cmd->add_option("--layer", args->layer, "Layer for the histogram and summary, or \"all\" (default: the only "
+                                          "logged layer, else all)");
+  cmd->add_option("--timing", args->timing, "timing.json from `moescope run` (no_log and log): adds the overhead");
+  cmd->add_option("--num-experts", args->num_experts, "Experts per layer, when the routes have no meta line")
+      ->check(CLI::PositiveNumber);
+  cmd->callback([args] { run_report(*args); });
+}
+
+}  // namespace moescope::cli
