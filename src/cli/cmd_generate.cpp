@@ -9,12 +9,10 @@
 #include "backend/cpu/cpu_backend.h"
 #include "cli/commands.h"
 #include "cli/device.h"
-#include "cli/recording.h"
 #include "engine/engine.h"
 #include "engine/loaded_model.h"
 #include "util/error.h"
 #include "util/json.h"
-#include "util/shutdown.h"
 
 namespace moescope::cli {
 namespace {
@@ -33,7 +31,6 @@ struct GenerateArgs {
   bool json = false;
   bool ignore_eos = false;
   std::string device = "auto";
-  RecordingArgs recording;
 };
 
 std::vector<int32_t> encode_prompt(const LoadedModel& m, const std::string& text, bool chat) {
@@ -65,9 +62,8 @@ void run_generate(const GenerateArgs& a) {
     if (prompts.empty()) fail("{}: no prompts (one per line)", a.prompts_file);
   }
 
-  Recording recording(a.recording, routing_shape(m.weights->config, m.name));
   cpu::CpuBackend backend(m.weights);
-  Engine engine(backend, EngineOptions{256, m.eos_token_ids}, recording.sink());
+  Engine engine(backend, EngineOptions{256, m.eos_token_ids});
   for (size_t i = 0; i < prompts.size(); ++i) {
     if (prompts[i].empty()) fail("generate: prompt {} encodes to no tokens", i);
     Request r;
@@ -79,14 +75,7 @@ void run_generate(const GenerateArgs& a) {
     engine.add_request(std::move(r));
   }
   const auto started = std::chrono::steady_clock::now();
-  install_shutdown_handlers();
-  const auto outputs = engine.run_to_completion([](const auto&) { return !shutdown_requested(); });
-  recording.finish();
-  if (shutdown_requested()) {
-    fmt::print(stderr, "stopped by signal {} after {} of {} prompts; every file written is whole\n", shutdown_signal(),
-               outputs.size(), prompts.size());
-    throw ExitStatus{128 + shutdown_signal()};
-  }
+  const auto outputs = engine.run_to_completion();
   const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   const EngineTiming& t = engine.timing();
 
@@ -130,7 +119,6 @@ void add_generate(CLI::App& app) {
   cmd->add_flag("--json", args->json, "Print {prompt_ids, output_ids, text, timing} per prompt");
   cmd->add_flag("--ignore-eos", args->ignore_eos, "Keep generating past end-of-sequence tokens");
   add_device_option(cmd, args->device);
-  add_recording_options(cmd, args->recording);
   cmd->callback([args] { run_generate(*args); });
 }
 
