@@ -8,8 +8,7 @@
 # Exact command (run from the repository root on the GPU machine; the data is GSM8K's train.jsonl and
 # test.jsonl copied into an ignored folder, see docs/DEFAULT_MODEL.md):
 #
-#     python3 tools/train_default_model.py --data .device-data/gsm8k --work /tmp/moescope-train \
-#         --steps STEPS
+#     python3 tools/train_default_model.py --data .device-data/gsm8k --work /tmp/moescope-train --steps 1300
 #
 # --steps auto (the default) picks min(--max-epochs epochs, what fits --time-budget seconds at the
 # step time measured before training) and prints the number it chose; give that number to repeat a
@@ -120,7 +119,10 @@ def chat_text(question, answer=None):
 
 
 def raw_text(question, answer):
-    return question + "\n" + answer
+    # A space, not a newline: the pre-tokenizer joins punctuation and the newlines after it ("?\n" is one
+    # piece), so with a newline a bare question's final "?" would be a token only ChatML text ever has,
+    # and a raw prompt would be answered as a chat turn. "? Janet" splits into "?" and " Janet".
+    return question + " " + answer
 
 
 # ---------------------------------------------------------------------------------------------------
