@@ -8,7 +8,8 @@
 # Exact command (run from the repository root on the GPU machine; the data is GSM8K's train.jsonl and
 # test.jsonl copied into an ignored folder, see docs/DEFAULT_MODEL.md):
 #
-#     python3 tools/train_default_model.py --data .device-data/gsm8k --work /tmp/moescope-train --steps 1300
+#     python3 tools/train_default_model.py --data .device-data/gsm8k --work /tmp/moescope-train \
+#         --steps 650 --experts-impl grouped_mm
 #
 # --steps auto (the default) picks min(--max-epochs epochs, what fits --time-budget seconds at the
 # step time measured before training) and prints the number it chose; give that number to repeat a
@@ -361,12 +362,14 @@ class RouterLogits:
             h.remove()
 
 
-def load_balancing_loss(router_logits, num_experts, top_k):
+def load_balancing_loss(router_logits, num_experts, top_k, valid):
     """Switch Transformer's auxiliary loss (eqs. 4-6), as transformers' load_balancing_loss_func computes it,
-    per MoE layer and averaged over layers: num_experts * sum_e f_e * P_e, which is top_k when balanced."""
+    per MoE layer over the real (not padding) tokens and averaged over layers: num_experts * sum_e f_e * P_e,
+    which is top_k when the load is balanced. valid: [B*L] bool."""
     losses = []
     for logits in router_logits:
-        probs = torch.softmax(logits, dim=-1)
+        assert logits.shape[0] == valid.shape[0], f"router logits {tuple(logits.shape)} for {valid.shape[0]} tokens"
+        probs = torch.softmax(logits[valid], dim=-1)
         sel = torch.topk(probs, top_k, dim=-1).indices
         tokens_per_expert = F.one_hot(sel, num_experts).float().mean(dim=0)  # [top_k, E]
         prob_per_expert = probs.mean(dim=0)                                   # [E]
@@ -374,11 +377,12 @@ def load_balancing_loss(router_logits, num_experts, top_k):
     return torch.stack(losses).mean()
 
 
-def lm_loss(model, x, y):
+def lm_loss(model, x, y, reduction="mean"):
+    """Cross-entropy over the targets that are not -100 (padding)."""
     with torch.autocast("cuda", dtype=torch.bfloat16):
         logits = model(input_ids=x, use_cache=False).logits
     assert logits.shape == (x.shape[0], x.shape[1], VOCAB), f"logits {tuple(logits.shape)}"
-    return F.cross_entropy(logits.float().reshape(-1, VOCAB), y.reshape(-1))
+    return F.cross_entropy(logits.float().reshape(-1, VOCAB), y.reshape(-1), ignore_index=-100, reduction=reduction)
 
 
 def pick_experts_impl(model, geo, batch, hooks, aux_coef):
@@ -400,8 +404,8 @@ def pick_experts_impl(model, geo, batch, hooks, aux_coef):
                 torch.cuda.synchronize()
                 t = time.time()
                 hooks.logits.clear()
-                total = lm_loss(model, x, y) + aux_coef * load_balancing_loss(hooks.logits, ARCH["num_experts"],
-                                                                               ARCH["num_experts_per_tok"])
+                total = lm_loss(model, x, y) + aux_coef * load_balancing_loss(
+                    hooks.logits, ARCH["num_experts"], ARCH["num_experts_per_tok"], (y != -100).reshape(-1))
                 total.backward()
                 torch.cuda.synchronize()
                 times.append(time.time() - t)
@@ -424,22 +428,48 @@ def pick_experts_impl(model, geo, batch, hooks, aux_coef):
 # Training data stream
 # ---------------------------------------------------------------------------------------------------
 
-def epoch_windows(docs_raw, docs_chat, epoch, seed, chat_fraction, seq_len):
-    """One epoch: every train document once, in a seeded order, raw or ChatML (seeded coin), packed into
-    windows of seq_len + 1 tokens (inputs and shifted targets)."""
-    rng = random.Random(seed * 1_000_003 + epoch)
-    order = list(range(len(docs_raw)))
+def doc_batches(docs, token_budget, seed, pad_id):
+    """Whole documents, one per row, each starting at position 0 as a prompt does at inference (no packing:
+    a packed window would show most problems after another one's text). Rows are right-padded (causal
+    attention never sees the padding); targets are -100 where there is nothing to predict. Documents are
+    grouped by length within seeded chunks so that a batch of about token_budget tokens holds little padding.
+    Returns a list of (inputs [B, L], targets [B, L]) in a seeded order."""
+    rng = random.Random(seed)
+    order = list(range(len(docs)))
     rng.shuffle(order)
-    stream, n_chat = [], 0
-    for i in order:
-        if rng.random() < chat_fraction:
-            stream.extend(docs_chat[i])
-            n_chat += 1
-        else:
-            stream.extend(docs_raw[i])
-    n = (len(stream) - 1) // seq_len
-    arr = torch.tensor(stream[: n * seq_len + 1], dtype=torch.long)
-    return arr[:-1].view(n, seq_len), arr[1:].view(n, seq_len), n_chat, len(stream)
+    batches = []
+    chunk = 1024
+    for c in range(0, len(order), chunk):
+        part = sorted(order[c:c + chunk], key=lambda i: len(docs[i]))
+        rows = []
+        for i in part:
+            width = -(-max([len(docs[j]) - 1 for j in rows + [i]]) // 8) * 8
+            if rows and (len(rows) + 1) * width > token_budget:
+                batches.append(rows)
+                rows = []
+            rows.append(i)
+        if rows:
+            batches.append(rows)
+    rng.shuffle(batches)
+    out = []
+    for rows in batches:
+        width = -(-max(len(docs[i]) - 1 for i in rows) // 8) * 8
+        x = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        y = torch.full((len(rows), width), -100, dtype=torch.long)
+        for r, i in enumerate(rows):
+            d = torch.tensor(docs[i], dtype=torch.long)
+            x[r, :len(d) - 1] = d[:-1]
+            y[r, :len(d) - 1] = d[1:]
+        out.append((x, y))
+    return out
+
+
+def epoch_batches(docs_raw, docs_chat, epoch, seed, chat_fraction, token_budget, pad_id):
+    """One epoch: every train problem once, raw or ChatML by a seeded coin, in doc_batches()."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    docs = [docs_chat[i] if rng.random() < chat_fraction else docs_raw[i] for i in range(len(docs_raw))]
+    n_chat = sum(d is c for d, c in zip(docs, docs_chat))
+    return doc_batches(docs, token_budget, seed * 1_000_003 + epoch + 1, pad_id), n_chat, sum(map(len, docs))
 
 
 def lr_at(step, total, peak, warmup, min_frac):
@@ -450,13 +480,13 @@ def lr_at(step, total, peak, warmup, min_frac):
 
 
 @torch.no_grad()
-def eval_windows_loss(model, xs, ys, batch_size):
+def eval_batches_loss(model, batches):
+    """Mean cross-entropy per predicted token over doc_batches() output."""
     model.eval()
     total, count = 0.0, 0
-    for b in range(0, xs.shape[0], batch_size):
-        x, y = xs[b:b + batch_size].cuda(), ys[b:b + batch_size].cuda()
-        total += lm_loss(model, x, y).item() * y.numel()
-        count += y.numel()
+    for x, y in batches:
+        total += lm_loss(model, x.cuda(), y.cuda(), reduction="sum").item()
+        count += int((y != -100).sum())
     model.train()
     return total / max(1, count)
 
@@ -683,10 +713,7 @@ def run(args, smoke, carry):
     lens = sorted(len(d) for d in fit_raw)
     log(f"train docs (raw form): {sum(lens):,} tokens, median {lens[len(lens) // 2]}, max {lens[-1]}; "
         f"the ChatML form adds {sum(map(len, fit_chat)) - sum(lens):,} tokens")
-    val_stream = torch.tensor([t for d in val_raw for t in d], dtype=torch.long)
-    n_vw = (val_stream.numel() - 1) // args.seq_len
-    val_x = val_stream[: n_vw * args.seq_len].view(n_vw, args.seq_len)
-    val_y = val_stream[1: n_vw * args.seq_len + 1].view(n_vw, args.seq_len)
+    val_batches = doc_batches(val_raw, args.batch_tokens, args.seed, ids[EOT])
 
     # ---- model
     device = torch.device("cuda")
@@ -697,14 +724,22 @@ def run(args, smoke, carry):
     hooks = RouterLogits(model, geo)
     E, K = ARCH["num_experts"], ARCH["num_experts_per_tok"]
 
-    ex0, ey0, n_chat0, ntok0 = epoch_windows(fit_raw, fit_chat, 0, args.seed, args.chat_fraction, args.seq_len)
-    steps_per_epoch = ex0.shape[0] // args.batch_size
-    assert steps_per_epoch >= 1, f"{ex0.shape[0]} windows < batch size {args.batch_size}"
-    log(f"epoch 0: {ntok0:,} tokens ({n_chat0} of {len(fit_raw)} problems in ChatML form), {ex0.shape[0]} windows "
-        f"of {args.seq_len}, {steps_per_epoch} steps of {args.batch_size} windows")
+    batches, n_chat0, ntok0 = epoch_batches(fit_raw, fit_chat, 0, args.seed, args.chat_fraction, args.batch_tokens,
+                                            ids[EOT])
+    steps_per_epoch = len(batches)
+    assert steps_per_epoch >= 1
+    n_real = sum(int((y != -100).sum()) for _, y in batches)
+    n_slots = sum(y.numel() for _, y in batches)
+    assert n_real == ntok0 - len(fit_raw), f"{n_real} targets for {ntok0} tokens in {len(fit_raw)} documents"
+    log(f"epoch 0: {ntok0:,} tokens ({n_chat0} of {len(fit_raw)} problems in ChatML form) in {steps_per_epoch} batches "
+        f"of up to {args.batch_tokens} token slots, {n_real / n_slots:.1%} of the slots real tokens")
 
-    first = (ex0[:args.batch_size].to(device), ey0[:args.batch_size].to(device))
-    if carry.get("impl") is None:
+    first = (batches[0][0].to(device), batches[0][1].to(device))
+    if args.experts_impl != "auto":
+        set_experts_impl(model, geo, args.experts_impl)
+        carry["impl"], carry["impl_times"] = args.experts_impl, "given by --experts-impl"
+        log(f"  experts '{args.experts_impl}' (--experts-impl)")
+    elif carry.get("impl") is None:
         carry["impl"], carry["impl_times"] = pick_experts_impl(model, geo, first, hooks, args.aux_coef)
     else:
         set_experts_impl(model, geo, carry["impl"])
@@ -731,35 +766,37 @@ def run(args, smoke, carry):
     else:
         total_steps = int(args.steps)
     eval_every = 4 if smoke else max(25, steps_per_epoch // 2)
-    log(f"training: {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs), peak lr {args.lr}, warmup "
+    log(f"training: {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs) of whole problems, peak lr {args.lr}, warmup "
         f"{args.warmup}, cosine to {args.min_lr_frac}x, AdamW(0.9, 0.95) wd {args.weight_decay}, grad clip 1.0, "
         f"aux coef {args.aux_coef}, bf16 autocast, val every {eval_every} steps")
 
     train_log = {"model": MODEL_NAME, "args": dict(vars(args)), "total_steps": total_steps,
-                 "steps_per_epoch": steps_per_epoch, "tokens_per_step": args.batch_size * args.seq_len,
+                 "steps_per_epoch": steps_per_epoch, "token_slots_per_step": args.batch_tokens,
                  "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                  "transformers": transformers.__version__, "experts_impl": carry["impl"],
                  "params": n_params, "train": [], "val": []}
     best = {"loss": float("inf"), "step": -1, "state": None}
-    epoch, xs, ys, pos = 0, ex0, ey0, 0
+    epoch, pos, tokens_seen = 0, 0, 0
     pending = []
     t_train = time.time()
     t_timing = None
     stopped_early = False
     for step in range(total_steps):
-        if pos + args.batch_size > xs.shape[0]:
+        if pos == len(batches):
             epoch += 1
-            xs, ys, _, _ = epoch_windows(fit_raw, fit_chat, epoch, args.seed, args.chat_fraction, args.seq_len)
+            batches, _, _ = epoch_batches(fit_raw, fit_chat, epoch, args.seed, args.chat_fraction, args.batch_tokens,
+                                          ids[EOT])
             pos = 0
-        x = xs[pos:pos + args.batch_size].to(device, non_blocking=True)
-        y = ys[pos:pos + args.batch_size].to(device, non_blocking=True)
-        pos += args.batch_size
+        x, y = (t.to(device, non_blocking=True) for t in batches[pos])
+        pos += 1
+        valid = (y != -100).reshape(-1)
+        tokens_seen += int(batches[pos - 1][1].ne(-100).sum())
         lr = lr_at(step, total_steps, args.lr, args.warmup, args.min_lr_frac)
         for g in opt.param_groups:
             g["lr"] = lr
         hooks.logits.clear()
         lm = lm_loss(model, x, y)
-        aux = load_balancing_loss(hooks.logits, E, K)
+        aux = load_balancing_loss(hooks.logits, E, K, valid)
         (lm + args.aux_coef * aux).backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -774,15 +811,16 @@ def run(args, smoke, carry):
             pending = []
             assert all(math.isfinite(v) for v in vals), f"non-finite loss at step {step + 1}: {vals}"
             el = time.time() - t_train
-            tok_s = (step + 1) * args.batch_size * args.seq_len / el
+            tok_s = tokens_seen / el
             train_log["train"].append({"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 3), "lr": lr,
+                                       "tokens": tokens_seen,
                                        "loss": round(vals[0], 5), "aux": round(vals[1], 5), "grad_norm": round(vals[2], 4),
                                        "n": n_avg, "elapsed_s": round(el, 2)})
             if (step + 1) % 50 == 0 or step == total_steps - 1 or smoke:
                 log(f"step {step + 1}/{total_steps} epoch {(step + 1) / steps_per_epoch:.2f} loss {vals[0]:.4f} "
                     f"aux {vals[1]:.4f} gnorm {vals[2]:.3f} lr {lr:.2e} {tok_s / 1e3:.0f}k tok/s {el:.0f}s")
         if (step + 1) % eval_every == 0 or step == total_steps - 1:
-            vl = eval_windows_loss(model, val_x, val_y, args.batch_size)
+            vl = eval_batches_loss(model, val_batches)
             train_log["val"].append({"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 3),
                                      "loss": round(vl, 5), "elapsed_s": round(time.time() - t_train, 2)})
             mark = ""
@@ -879,7 +917,7 @@ def run(args, smoke, carry):
         for r in rows:
             enc = tok.encode(raw_text(r["question"], r["answer"]), add_special_tokens=False)
             full.append(enc.ids + [ids[EOT]])
-            boundary = len(r["question"]) + 1  # the answer's characters start here
+            boundary = len(r["question"])  # the separator; the answer's first token (" Janet") starts here
             ans_from.append(next(i for i, (s, _) in enumerate(enc.offsets) if s >= boundary))
             qs.append(tok.encode(r["question"], add_special_tokens=False).ids)
         vrows = val_rows[:16] if smoke else val_rows
@@ -911,7 +949,7 @@ def run(args, smoke, carry):
             q = test_rows[i]["question"]
             text = q if kind == "raw" else chat_text(q)
             pids = tok.encode(text, add_special_tokens=False).ids
-            new = greedy_sample(ref_model, pids, 16 if smoke else 200, eos_ids, ids[EOT])
+            new = greedy_sample(ref_model, pids, 16 if smoke else 160, eos_ids, ids[EOT])
             stop = "eos" if new and new[-1] in eos_ids else "length"
             out_text = tok.decode(new, skip_special_tokens=True)
             out.append({"kind": kind, "test_index": i, "prompt": text, "output": out_text, "output_ids": new,
@@ -1061,8 +1099,9 @@ def main():
     ap.add_argument("--steps", default="auto", help="optimizer steps, or 'auto'")
     ap.add_argument("--max-epochs", type=float, default=16.0)
     ap.add_argument("--time-budget", type=float, default=240.0, help="seconds of training for --steps auto")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch-tokens", type=int, default=16384, help="token slots per batch (padding included)")
+    ap.add_argument("--experts-impl", default="auto", choices=["auto", "eager", "grouped_mm", "grouped_bf16"],
+                    help="expert implementation for training (auto: the fastest that matches eager)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--min-lr-frac", type=float, default=0.1)
     ap.add_argument("--warmup", type=int, default=100)
