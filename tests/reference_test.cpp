@@ -18,8 +18,6 @@ namespace {
 namespace fs = std::filesystem;
 
 constexpr double k_logit_rel_tol = 1e-4;   // max |ours - ref| / max |ref|
-constexpr double k_weight_tol = 1e-5;      // routing weights, absolute
-constexpr double k_route_tie = 1e-5;       // a top-k margin below this is a near-tie, reported not failed
 constexpr double k_greedy_tie = 1e-4;      // a top-1/top-2 logit gap below this is a near-tie
 
 fs::path fixtures_dir() { return test::source_dir() / "tests" / "fixtures" / "reference"; }
@@ -48,41 +46,6 @@ class ReferenceTest : public ::testing::TestWithParam<std::string> {
   Json reference_;
   std::shared_ptr<const ModelWeights> weights_;
 };
-
-// Compares one prompt's routes with the reference; near-ties are printed and counted, not failed.
-void expect_routes_equal(const test::CaptureSink& sink, const Json& ref_routes, size_t token_offset, size_t num_tokens,
-                         const std::string& label, int* near_ties) {
-  double max_weight_diff = 0.0;
-  for (const Json& layer_ref : ref_routes) {
-    const int layer = layer_ref["layer"].get<int>();
-    ASSERT_TRUE(sink.routes.count(layer)) << label << ": no routes recorded for MoE layer " << layer;
-    const auto& got = sink.routes.at(layer);
-    ASSERT_GE(got.ids.size(), token_offset + num_tokens) << label << " layer " << layer;
-    for (size_t t = 0; t < num_tokens; ++t) {
-      const auto ref_ids = layer_ref["topk_ids"][t].get<std::vector<int32_t>>();
-      const auto ref_weights = layer_ref["topk_weights"][t].get<std::vector<double>>();
-      const double margin = layer_ref["margin"][t].get<double>();
-      const auto& ids = got.ids[token_offset + t];
-      const auto& weights = got.weights[token_offset + t];
-      if (ids != ref_ids) {
-        if (margin < k_route_tie) {
-          ++*near_ties;
-          std::printf("  near-tie reported: %s layer %d token %zu margin %.3g (ids differ)\n", label.c_str(), layer, t, margin);
-          continue;
-        }
-        ADD_FAILURE() << label << " layer " << layer << " token " << t << ": top-k ids differ (margin " << margin << ")";
-        continue;
-      }
-      for (size_t j = 0; j < ids.size(); ++j) {
-        const double diff = std::fabs(weights[j] - ref_weights[j]);
-        max_weight_diff = std::max(max_weight_diff, diff);
-        EXPECT_LE(diff, k_weight_tol) << label << " layer " << layer << " token " << t << " slot " << j;
-      }
-    }
-  }
-  std::printf("  %s: routes of %zu tokens x %zu MoE layers, max weight diff %.3g\n", label.c_str(), num_tokens,
-              ref_routes.size(), max_weight_diff);
-}
 
 TEST_P(ReferenceTest, LogitsRoutesAndGreedyTokensMatchTransformers) {
   const ModelConfig& c = weights_->config;
@@ -117,7 +80,7 @@ TEST_P(ReferenceTest, LogitsRoutesAndGreedyTokensMatchTransformers) {
     std::printf("  %s: last-position logits max |diff| %.3g, relative %.3g (max |ref| %.3g)\n", label.c_str(), max_diff,
                 max_diff / max_ref, max_ref);
     EXPECT_LE(max_diff / max_ref, k_logit_rel_tol) << label;
-    expect_routes_equal(sink, ref["routes"], 0, prompt.size(), label, &near_ties);
+    test::expect_routes_equal(sink.routes, ref["routes"], 0, prompt.size(), label, &near_ties);
 
     // Greedy continuation of 24 tokens through the engine (prefill, then one decode per token).
     Engine engine(backend, EngineOptions{});
@@ -152,8 +115,8 @@ TEST_P(ReferenceTest, LogitsRoutesAndGreedyTokensMatchTransformers) {
     batch.sequences.push_back({backend.create_cache(), 0, b, "b"});
     std::vector<float> logits;
     backend.forward(batch, &sink, logits);
-    expect_routes_equal(sink, prompts[0]["routes"], 0, a.size(), GetParam() + " batched prompt 0", &near_ties);
-    expect_routes_equal(sink, prompts[1]["routes"], a.size(), b.size(), GetParam() + " batched prompt 1", &near_ties);
+    test::expect_routes_equal(sink.routes, prompts[0]["routes"], 0, a.size(), GetParam() + " batched prompt 0", &near_ties);
+    test::expect_routes_equal(sink.routes, prompts[1]["routes"], a.size(), b.size(), GetParam() + " batched prompt 1", &near_ties);
   }
   RecordProperty("near_ties", near_ties);
   std::printf("  %s: %d near-ties reported\n", GetParam().c_str(), near_ties);

@@ -5,7 +5,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <map>
@@ -13,6 +15,7 @@
 #include <vector>
 
 #include "routing/routing_sink.h"
+#include "util/json.h"
 
 namespace moescope::test {
 
@@ -85,5 +88,46 @@ class CaptureSink : public RoutingSink {
   std::vector<PassInfo> passes;
   std::vector<double> latencies;
 };
+
+// Golden routes (tests/fixtures/reference/*/reference.json, "routes" of one prompt) against recorded
+// ones: ids equal and weights within k_weight_tol; a top-k margin below k_route_tie in the reference is a
+// near-tie, printed and counted, not failed.
+constexpr double k_weight_tol = 1e-5;  // routing weights, absolute
+constexpr double k_route_tie = 1e-5;
+
+// Compares one prompt's routes with the reference; near-ties are printed and counted, not failed.
+inline void expect_routes_equal(const std::map<int, CaptureSink::LayerRoutes>& routes, const Json& ref_routes, size_t token_offset, size_t num_tokens,
+                         const std::string& label, int* near_ties) {
+  double max_weight_diff = 0.0;
+  for (const Json& layer_ref : ref_routes) {
+    const int layer = layer_ref["layer"].get<int>();
+    ASSERT_TRUE(routes.count(layer)) << label << ": no routes recorded for MoE layer " << layer;
+    const auto& got = routes.at(layer);
+    ASSERT_GE(got.ids.size(), token_offset + num_tokens) << label << " layer " << layer;
+    for (size_t t = 0; t < num_tokens; ++t) {
+      const auto ref_ids = layer_ref["topk_ids"][t].get<std::vector<int32_t>>();
+      const auto ref_weights = layer_ref["topk_weights"][t].get<std::vector<double>>();
+      const double margin = layer_ref["margin"][t].get<double>();
+      const auto& ids = got.ids[token_offset + t];
+      const auto& weights = got.weights[token_offset + t];
+      if (ids != ref_ids) {
+        if (margin < k_route_tie) {
+          ++*near_ties;
+          std::printf("  near-tie reported: %s layer %d token %zu margin %.3g (ids differ)\n", label.c_str(), layer, t, margin);
+          continue;
+        }
+        ADD_FAILURE() << label << " layer " << layer << " token " << t << ": top-k ids differ (margin " << margin << ")";
+        continue;
+      }
+      for (size_t j = 0; j < ids.size(); ++j) {
+        const double diff = std::fabs(weights[j] - ref_weights[j]);
+        max_weight_diff = std::max(max_weight_diff, diff);
+        EXPECT_LE(diff, k_weight_tol) << label << " layer " << layer << " token " << t << " slot " << j;
+      }
+    }
+  }
+  std::printf("  %s: routes of %zu tokens x %zu MoE layers, max weight diff %.3g\n", label.c_str(), num_tokens,
+              ref_routes.size(), max_weight_diff);
+}
 
 }  // namespace moescope::test

@@ -37,7 +37,8 @@ class Backend {
   virtual int create_cache() = 0;
   virtual void free_cache(int cache_id) = 0;
   // Runs every layer for the batch. logits: [num_sequences, vocab_size], the last new token of each
-  // sequence. When sink is set it sees begin_pass, every MoE layer's routes, and end_pass.
+  // sequence. When sink is set and wants the pass, it sees begin_pass, every MoE layer's routes in
+  // layer order, and end_pass.
   virtual void forward(const Batch& batch, RoutingSink* sink, std::vector<float>& logits) = 0;
 };
 

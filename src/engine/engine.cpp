@@ -82,10 +82,14 @@ std::vector<RequestOutput> Engine::step() {
   return done;
 }
 
-std::vector<RequestOutput> Engine::run_to_completion() {
+std::vector<RequestOutput> Engine::run_to_completion(const StepCallback& after_step) {
   std::vector<RequestOutput> all;
-  while (has_work())
-    for (auto& out : step()) all.push_back(std::move(out));
+  while (has_work()) {
+    auto finished = step();
+    const bool go_on = !after_step || after_step(finished);
+    for (auto& out : finished) all.push_back(std::move(out));
+    if (!go_on) break;
+  }
   std::stable_sort(all.begin(), all.end(), [](const RequestOutput& a, const RequestOutput& b) { return a.order < b.order; });
   return all;
 }

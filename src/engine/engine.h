@@ -3,6 +3,7 @@
 // a pass with other sequences' decodes), are sampled after each pass and leave when finished.
 // One thread owns an Engine; the server will feed it through a queue.
 #include <deque>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -47,7 +48,10 @@ class Engine {
   // Runs one forward pass; returns the requests that finished in it.
   std::vector<RequestOutput> step();
   // Runs until every queued request has finished; outputs in the order the requests were added.
-  std::vector<RequestOutput> run_to_completion();
+  // after_step (optional) sees the requests each pass finished and returns false to stop early
+  // (the unfinished requests are then left out).
+  using StepCallback = std::function<bool(const std::vector<RequestOutput>& finished)>;
+  std::vector<RequestOutput> run_to_completion(const StepCallback& after_step = {});
   const EngineTiming& timing() const { return timing_; }
 
  private:

@@ -36,6 +36,13 @@ LoadedModel load_model(const std::filesystem::path& dir) {
   return m;
 }
 
+RoutingShape routing_shape(const ModelConfig& config, const std::string& model_id) {
+  RoutingShape shape{model_id, config.num_hidden_layers, {}, config.num_experts, config.num_experts_per_tok};
+  for (int l = 0; l < config.num_hidden_layers; ++l)
+    if (config.layer_is_moe[static_cast<size_t>(l)]) shape.moe_layers.push_back(l);
+  return shape;
+}
+
 std::vector<int32_t> parse_ids(const std::string& text) {
   std::vector<int32_t> ids;
   size_t i = 0;

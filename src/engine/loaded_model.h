@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "model/weights.h"
+#include "routing/routing_sink.h"
 #include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"
 
@@ -22,6 +23,9 @@ struct LoadedModel {
 };
 
 LoadedModel load_model(const std::filesystem::path& dir);
+
+// The routing geometry the recording sinks need, named after the model (model_id).
+RoutingShape routing_shape(const ModelConfig& config, const std::string& model_id);
 
 // "1,2,3" or "1 2 3" -> ids; throws Error naming the bad entry.
 std::vector<int32_t> parse_ids(const std::string& text);

@@ -1,7 +1,8 @@
 #pragma once
 // The routing hook: the backend calls a RoutingSink once per forward pass and once per MoE layer with
-// the top-k expert ids and weights exactly as the experts use them. The recorder and the route log are
-// sinks; with no sink the backend does no routing work beyond the forward pass itself.
+// the top-k expert ids and weights exactly as the experts use them. The recorder, the route log and
+// the per-pass JSONL are sinks; with no sink, or none that wants the pass, the backend does no routing
+// work beyond the forward pass itself.
 #include <cstdint>
 #include <span>
 #include <string>
@@ -26,17 +27,47 @@ struct PassInfo {
   std::vector<int32_t> token_pos;      // [num_tokens] position in the sequence (token_idx)
 };
 
+// The routing geometry of a model, as the sinks need it (the routing module knows no ModelConfig).
+struct RoutingShape {
+  std::string model_id;           // for headers and reports
+  int num_layers = 0;             // decoder layers
+  std::vector<int> moe_layers;    // decoder-layer index of each MoE layer, ascending
+  int num_experts = 0;
+  int top_k = 0;
+  // Position of a decoder layer in moe_layers, or -1 for a dense layer.
+  int moe_index(int layer) const;
+};
+
 class RoutingSink {
  public:
   virtual ~RoutingSink() = default;
+  // Asked once before each pass; false skips the pass (no PassInfo is built, no call follows).
+  virtual bool wants_pass() { return true; }
   virtual void begin_pass(const PassInfo& pass) { (void)pass; }
   // topk_ids and topk_weights: [num_tokens, top_k], row-major; valid only during the call.
+  // Called once per MoE layer of the pass, in layer order.
   virtual void on_layer(int layer, int num_tokens, int top_k, std::span<const int32_t> topk_ids,
                         std::span<const float> topk_weights) = 0;
   virtual void end_pass(const PassInfo& pass, double latency_seconds) {
     (void)pass;
     (void)latency_seconds;
   }
+};
+
+// Several sinks behind one: each pass goes to the sinks that want it.
+class SinkFanout final : public RoutingSink {
+ public:
+  void add(RoutingSink* sink) { sinks_.push_back(sink); }
+  bool empty() const { return sinks_.empty(); }
+  bool wants_pass() override;
+  void begin_pass(const PassInfo& pass) override;
+  void on_layer(int layer, int num_tokens, int top_k, std::span<const int32_t> topk_ids,
+                std::span<const float> topk_weights) override;
+  void end_pass(const PassInfo& pass, double latency_seconds) override;
+
+ private:
+  std::vector<RoutingSink*> sinks_;
+  std::vector<RoutingSink*> active_;  // the sinks that want the current pass
 };
 
 }  // namespace moescope
