@@ -36,8 +36,9 @@ void add_prompts(CLI::App& app) {
   auto args = std::make_shared<PromptsArgs>();
   CLI::App* cmd = app.add_subcommand("prompts", "Write a prompts file (one prompt per line) from GSM8K's JSONL");
   cmd->add_option("--gsm8k", args->gsm8k, "GSM8K JSONL, e.g. test.jsonl (the \"question\" field)")->required();
-  cmd->add_option("--n", args->n, "Number of questions")->capture_default_str()->check(CLI::PositiveNumber);
-  cmd->add_option("--offset", args->offset, "Records to skip first")->capture_default_str()->check(CLI::NonNegativeNumber);
+  // Ranges are checked by read_gsm8k_questions, whose messages are clearer than CLI11's.
+  cmd->add_option("--n", args->n, "Number of questions")->capture_default_str();
+  cmd->add_option("--offset", args->offset, "Records to skip first")->capture_default_str();
   cmd->add_option("--out", args->out, "Prompts file to write")->required();
   cmd->callback([args] { run_prompts(*args); });
 }

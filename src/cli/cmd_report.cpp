@@ -1,6 +1,8 @@
 // moescope report ROUTES.jsonl --out-dir DIR [--layer L|all] [--timing timing.json] [--num-experts E]
 #include <fmt/format.h>
 
+#include <optional>
+
 #include "analysis/report.h"
 #include "cli/commands.h"
 
@@ -12,7 +14,7 @@ struct ReportArgs {
   std::string out_dir;
   std::string layer;
   std::string timing;
-  int num_experts = 0;
+  std::optional<int> num_experts;  // set only when --num-experts is given
 };
 
 void run_report(const ReportArgs& a) {
@@ -21,7 +23,7 @@ void run_report(const ReportArgs& a) {
   o.out_dir = a.out_dir;
   o.layer = a.layer;
   if (!a.timing.empty()) o.timing = a.timing;
-  if (a.num_experts != 0) o.num_experts = a.num_experts;
+  o.num_experts = a.num_experts;  // write_report refuses values below 1
   const analysis::Report report = analysis::write_report(o);
   fmt::print("{}", report.summary);
 }
@@ -38,8 +40,9 @@ void add_report(CLI::App& app) {
   cmd->add_option("--layer", args->layer, "Layer for the histogram and summary, or \"all\" (default: the only "
                                           "logged layer, else all)");
   cmd->add_option("--timing", args->timing, "timing.json from `moescope run` (no_log and log): adds the overhead");
-  cmd->add_option("--num-experts", args->num_experts, "Experts per layer, when the routes have no meta line")
-      ->check(CLI::PositiveNumber);
+  cmd->add_option_function<int>(
+      "--num-experts", [args](const int& n) { args->num_experts = n; },
+      "Experts per layer (wins over the meta line; needed when there is none and high ids were never picked)");
   cmd->callback([args] { run_report(*args); });
 }
 
