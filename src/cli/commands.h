@@ -5,6 +5,11 @@
 
 namespace moescope::cli {
 
+// Thrown by a command that ends early on purpose (a signal), with the process's exit status.
+struct ExitStatus {
+  int code;
+};
+
 // The command line as typed, for benchmark reports.
 inline std::string command_line;
 

@@ -23,6 +23,8 @@ int main(int argc, char** argv) {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
+  } catch (const moescope::cli::ExitStatus& e) {
+    return e.code;
   } catch (const moescope::Error& e) {
     fmt::print(stderr, "error: {}\n", e.what());
     return 1;

@@ -1,0 +1,136 @@
+#include "cli/bench_recording.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+#include <random>
+#include <unistd.h>
+
+#include "engine/engine.h"
+#include "routing/expert_recorder.h"
+#include "routing/route_log.h"
+#include "util/error.h"
+
+namespace moescope::cli {
+namespace {
+
+struct Config {
+  const char* name;
+  std::optional<RecordingMode> mode;  // the recorder's mode, if it records
+  const char* log_layers;             // the routing log's layers, if it logs
+  bool pass_jsonl;                    // --expert-distribution-jsonl
+};
+
+const Config k_configs[] = {
+    {"off", std::nullopt, nullptr, false},
+    {"stat", RecordingMode::Stat, nullptr, false},
+    {"per_pass", RecordingMode::PerPass, nullptr, false},
+    {"per_token (all layers, in memory)", RecordingMode::PerToken, nullptr, false},
+    {"routing log, layer 0", std::nullopt, "first", false},
+    {"routing log, all layers", std::nullopt, "all", false},
+    {"per-pass JSONL", std::nullopt, nullptr, true},
+};
+
+struct RunResult {
+  double seconds = 0.0;
+  std::vector<std::vector<int32_t>> outputs;
+};
+
+}  // namespace
+
+Json bench_recording_overhead(const LoadedModel& model, const std::function<std::unique_ptr<Backend>()>& make_backend,
+                              const OverheadOptions& o) {
+  const ModelConfig& c = model.weights->config;
+  const RoutingShape shape = routing_shape(c, model.name);
+  const auto tmp = std::filesystem::temp_directory_path() / fmt::format("moescope-overhead-{}", ::getpid());
+  std::filesystem::create_directories(tmp);
+  std::mt19937 rng(99);
+  std::uniform_int_distribution<int32_t> token(0, c.vocab_size - 1);
+  std::vector<std::vector<int32_t>> prompts(static_cast<size_t>(o.prompts));
+  for (auto& p : prompts)
+    for (int i = 0; i < o.prompt_tokens; ++i) p.push_back(token(rng));
+
+  auto run_once = [&](const Config& cfg) {
+    std::unique_ptr<ExpertRecorder> recorder;
+    std::unique_ptr<RouteLog> log;
+    std::unique_ptr<PassLog> pass_log;
+    SinkFanout sinks;
+    if (cfg.mode) {
+      recorder = std::make_unique<ExpertRecorder>(shape);
+      recorder->configure(*cfg.mode);
+      recorder->start();
+      sinks.add(recorder.get());
+    }
+    if (cfg.log_layers) {
+      const std::string layers = std::string(cfg.log_layers) == "first" ? std::to_string(shape.moe_layers[0]) : "all";
+      log = std::make_unique<RouteLog>(RouteLogConfig{tmp / "routes.jsonl", layers}, shape);
+      sinks.add(log.get());
+    }
+    if (cfg.pass_jsonl) {
+      std::filesystem::remove(tmp / "passes.jsonl");
+      pass_log = std::make_unique<PassLog>(tmp / "passes.jsonl", shape);
+      sinks.add(pass_log.get());
+    }
+    auto backend = make_backend();
+    Engine engine(*backend, EngineOptions{o.prompts, {}}, sinks.empty() ? nullptr : &sinks);
+    for (size_t i = 0; i < prompts.size(); ++i)
+      engine.add_request({fmt::format("r{}", i), prompts[i], SamplingParams{}, o.max_tokens, true});
+    RunResult result;
+    const auto started = std::chrono::steady_clock::now();
+    for (auto& out : engine.run_to_completion()) result.outputs.push_back(std::move(out.output_ids));
+    // The files are part of the cost: the time runs until the last line is written.
+    if (log) log->writer().close();
+    if (pass_log) pass_log->writer().close();
+    result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    return result;
+  };
+
+  run_once(k_configs[0]);  // warm-up: page in the weights
+  const size_t n = std::size(k_configs);
+  std::vector<std::vector<double>> seconds(n), ratios(n);
+  std::vector<std::vector<int32_t>> reference;
+  bool same_tokens = true;
+  for (int r = 0; r < o.rounds; ++r) {
+    std::vector<double> round(n);
+    for (size_t k = 0; k < n; ++k) {
+      const size_t i = (k + static_cast<size_t>(r)) % n;  // rotate the order from round to round
+      RunResult res = run_once(k_configs[i]);
+      round[i] = res.seconds;
+      if (reference.empty()) reference = res.outputs;
+      same_tokens &= res.outputs == reference;
+    }
+    for (size_t i = 0; i < n; ++i) {
+      seconds[i].push_back(round[i]);
+      ratios[i].push_back(round[i] / round[0] - 1.0);
+    }
+  }
+  std::filesystem::remove_all(tmp);
+
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+  };
+  fmt::print("\n== recording overhead: {} requests x ({} prompt + {} generated tokens), {} rounds interleaved ==\n", o.prompts,
+             o.prompt_tokens, o.max_tokens, o.rounds);
+  fmt::print("{:<36} {:>12} {:>14} {:>22}\n", "configuration", "median s", "overhead", "(min, max) per round");
+  Json rows = Json::array();
+  for (size_t i = 0; i < n; ++i) {
+    const double med = median(seconds[i]);
+    const double over = median(ratios[i]) * 100.0;
+    const auto [lo, hi] = std::minmax_element(ratios[i].begin(), ratios[i].end());
+    if (i == 0) fmt::print("{:<36} {:>12.4f} {:>14}\n", k_configs[i].name, med, "-");
+    else fmt::print("{:<36} {:>12.4f} {:>13.2f}% {:>22}\n", k_configs[i].name, med, over,
+                    fmt::format("({:.2f}%, {:.2f}%)", *lo * 100.0, *hi * 100.0));
+    rows.push_back({{"configuration", k_configs[i].name}, {"median_seconds", med}, {"overhead_percent_median", over},
+                    {"overhead_percent_min", *lo * 100.0}, {"overhead_percent_max", *hi * 100.0}});
+  }
+  fmt::print("same tokens in every configuration: {}\n", same_tokens ? "yes" : "NO");
+  if (!same_tokens) fail("recording changed the generated tokens");
+  return {{"workload", {{"prompts", o.prompts}, {"prompt_tokens", o.prompt_tokens}, {"max_tokens", o.max_tokens}, {"rounds", o.rounds}}},
+          {"rows", rows},
+          {"same_tokens", same_tokens}};
+}
+
+}  // namespace moescope::cli
