@@ -62,6 +62,31 @@ void select_font(cairo_t* cr, double size, Weight weight) {
   cairo_set_font_size(cr, size);
 }
 
+// cairo's built-in font (what cairo uses when no system font is found) covers ASCII only; it is a
+// user font, while system fonts are FreeType ones. Under it, the few non-ASCII characters the plots
+// use become ASCII look-alikes and any other non-ASCII character a '?', instead of empty boxes.
+std::string renderable(cairo_t* cr, const std::string& s) {
+  if (cairo_scaled_font_get_type(cairo_get_scaled_font(cr)) != CAIRO_FONT_TYPE_USER) return s;
+  static const std::pair<std::string_view, std::string_view> replacements[] = {
+      {"\u2014", "-"}, {"\u2013", "-"}, {"\u00b7", "|"}, {"\u2026", "..."}, {"\u00d7", "x"}};
+  std::string out;
+  for (size_t i = 0; i < s.size();) {
+    const auto byte = static_cast<unsigned char>(s[i]);
+    if (byte < 0x80) {
+      out += s[i++];
+      continue;
+    }
+    const size_t len = byte >= 0xF0 ? 4 : byte >= 0xE0 ? 3 : byte >= 0xC0 ? 2 : 1;
+    const std::string_view ch(s.data() + i, std::min(len, s.size() - i));
+    std::string_view with = "?";
+    for (const auto& [from, to] : replacements)
+      if (ch == from) with = to;
+    out += with;
+    i += ch.size();
+  }
+  return out;
+}
+
 }  // namespace
 
 void set_source(cairo_t* cr, Rgb c, double alpha) { cairo_set_source_rgba(cr, c.r, c.g, c.b, alpha); }
@@ -98,15 +123,16 @@ void Canvas::write_png(const std::filesystem::path& path) {
 double text_width(cairo_t* cr, const std::string& s, double size, Weight weight) {
   select_font(cr, size, weight);
   cairo_text_extents_t e;
-  cairo_text_extents(cr, s.c_str(), &e);
+  cairo_text_extents(cr, renderable(cr, s).c_str(), &e);
   return e.x_advance;
 }
 
 void text(cairo_t* cr, const std::string& s, double x, double y, double size, Rgb colour, Align align, Weight weight,
           bool middle) {
   select_font(cr, size, weight);
+  const std::string shown = renderable(cr, s);
   cairo_text_extents_t e;
-  cairo_text_extents(cr, s.c_str(), &e);
+  cairo_text_extents(cr, shown.c_str(), &e);
   if (align == Align::kCenter) x -= e.x_advance / 2;
   if (align == Align::kRight) x -= e.x_advance;
   if (middle) {
@@ -117,7 +143,7 @@ void text(cairo_t* cr, const std::string& s, double x, double y, double size, Rg
   }
   set_source(cr, colour);
   cairo_move_to(cr, x, y);
-  cairo_show_text(cr, s.c_str());
+  cairo_show_text(cr, shown.c_str());
   cairo_new_path(cr);
 }
 
