@@ -15,7 +15,11 @@
 # step time measured before training) and prints the number it chose; give that number to repeat a
 # run. --smoke runs the whole pipeline for a few steps on a data subset (seconds); --smoke-first does
 # that and then the real run in the same process. --export DIR packs the outputs into DIR as they
-# become ready (model.tgz*, results.tgz), split into parts under 15 MiB.
+# become ready (model.tgz*, results.tgz), split into parts under 15 MiB. --evaluate MODEL_DIR skips
+# training and runs only the evaluation and the fixtures on a checkpoint already made (about a minute):
+#
+#     python3 tools/train_default_model.py --data .device-data/gsm8k --work /tmp/moescope-eval \
+#         --evaluate models/moescope-tiny-gsm8k --export $OUT
 #
 # What it writes under --work:
 #   model/      config.json, model.safetensors (bf16, per-expert hub tensor names), tokenizer.json,
@@ -67,6 +71,7 @@ try:
     import transformers
     import tokenizers
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from safetensors.torch import load_file
     from transformers import AutoTokenizer, GenerationConfig
 except ImportError as exc:  # pragma: no cover - only on a machine without the stack
     sys.exit(f"train_default_model: missing dependency: {exc}. Needs torch, transformers>=5, tokenizers.")
@@ -141,6 +146,13 @@ def load_jsonl(path):
             rows.append({"question": r["question"], "answer": r["answer"]})
     assert rows, f"{path}: empty"
     return rows
+
+
+def split_train(train_rows, seed, n_val=150):
+    """A seeded held-out slice of the train split (for the validation loss), and the problems trained on."""
+    order = list(range(len(train_rows)))
+    random.Random(seed).shuffle(order)
+    return [train_rows[i] for i in order[:n_val]], [train_rows[i] for i in order[n_val:]]
 
 
 def sha256_file(path):
@@ -674,11 +686,7 @@ def run(args, smoke, carry):
         log("WARNING: GSM8K has 7473 train and 1319 test problems; these files differ")
     train_q = {r["question"] for r in train_rows}
     log(f"test questions that also appear in train: {sum(r['question'] in train_q for r in test_rows)}")
-    order = list(range(len(train_rows)))
-    random.Random(args.seed).shuffle(order)
-    n_val = 150
-    val_rows = [train_rows[i] for i in order[:n_val]]
-    fit_rows = [train_rows[i] for i in order[n_val:]]
+    val_rows, fit_rows = split_train(train_rows, args.seed)
     if smoke:
         fit_rows = fit_rows[:1200]
 
@@ -856,8 +864,7 @@ def run(args, smoke, carry):
     model = model.to("cpu").to(torch.bfloat16)
     model.eval()
     orig = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    saved = ref.save_checkpoint(model, geo, model_dir, MODEL_NAME)
-    hub32 = {k: v.float() for k, v in saved.items()}
+    ref.save_checkpoint(model, geo, model_dir, MODEL_NAME)
     write_tokenizer_files(tok, tok_json, model_dir, tok_class)
     eos_ids = [ids[IM_END], ids[EOT]]
     write_json(os.path.join(model_dir, "generation_config.json"),
@@ -888,22 +895,58 @@ def run(args, smoke, carry):
     export(export_dir, "model", {MODEL_NAME: model_dir})
     log("config.json: " + json.dumps(cj, sort_keys=True))
 
+    del model
+    failures += evaluate_checkpoint(model_dir, work, export_dir, smoke, tok, hf_tok, test_rows, val_rows,
+                                    train_log=train_log, orig=orig)
+    log(f"===== {tag} run done; failed stages: {failures or 'none'} =====")
+    return failures
+
+
+def evaluate_checkpoint(model_dir, work, export_dir, smoke, tok, hf_tok, test_rows, val_rows, train_log=None,
+                        orig=None):
+    """Everything after training, on the checkpoint as saved in model_dir: reload checks, held-out perplexity,
+    greedy samples, expert load, the fixtures of tests/default_model_test.cpp, eval.json. Each stage runs on its
+    own (a failure is reported and the others still run). orig: the bf16 state dict the file must equal, when
+    known. Returns the names of the stages that failed."""
+    fix_dir, rep_dir = os.path.join(work, "fixtures"), os.path.join(work, "report")
+    for d in (fix_dir, rep_dir):
+        os.makedirs(d, exist_ok=True)
+    failures = []
+
+    def stage(name, fn):
+        try:
+            return fn()
+        except Exception:  # noqa: BLE001 - reported, and the remaining stages still run
+            log(f"STAGE FAILED: {name}\n{traceback.format_exc()}")
+            failures.append(name)
+            return None
+
+    ids = {s: tok.token_to_id(s) for s in SPECIALS}
+    eos_ids = [ids[IM_END], ids[EOT]]
+    E, K = ARCH["num_experts"], ARCH["num_experts_per_tok"]
+    device = torch.device("cuda")
+    geo = ref.Geo(dict(name=MODEL_NAME, family="qwen2_moe", seed=0, rope_theta=ROPE_THETA, cfg=dict(ARCH)))
+    hub32 = {k: v.float() for k, v in load_file(os.path.join(model_dir, "model.safetensors")).items()}
+    ref.check_hub_keys(hub32, geo, MODEL_NAME)
+
     # ---- reload as the reference: float32, eager attention, eager experts, from the files on disk
     def reload():
         m, info = ref.reload_f32(model_dir, MODEL_NAME)
         ref.check_loading_info(info, geo, m, MODEL_NAME)
         ref.check_model_structure(m, geo, "reloaded")
         rsd = m.state_dict()
-        assert set(rsd) == set(orig), f"reloaded keys differ: {sorted(set(rsd) ^ set(orig))[:6]}"
-        for k, v in rsd.items():
-            assert torch.equal(v, orig[k].float()), f"reloaded {k} != saved bf16 tensor"
-        log(f"reloaded {len(rsd)} tensors in float32, equal to the bf16 model ({type(m).__name__}, attention "
-            f"{m.config._attn_implementation}, experts {getattr(m.config, '_experts_implementation', 'n/a')})")
+        if orig is not None:
+            assert set(rsd) == set(orig), f"reloaded keys differ: {sorted(set(rsd) ^ set(orig))[:6]}"
+            for k, v in rsd.items():
+                assert torch.equal(v, orig[k].float()), f"reloaded {k} != saved bf16 tensor"
+        log(f"reloaded {len(rsd)} tensors in float32{', equal to the bf16 model' if orig is not None else ''} "
+            f"({type(m).__name__}, attention {m.config._attn_implementation}, experts "
+            f"{getattr(m.config, '_experts_implementation', 'n/a')})")
         return m
 
     ref_model = stage("reload", reload)
-    del model
-    evals = {"train_seconds": round(train_s, 1), "device": train_log["device"]}
+    evals = {"device": torch.cuda.get_device_name(0), "transformers": transformers.__version__, "torch": torch.__version__,
+             "model_safetensors_sha256": sha256_file(os.path.join(model_dir, "model.safetensors"))}
 
     # ---- held-out perplexity on the GSM8K test split (float32 on the GPU, TF32 off)
     def perplexity():
@@ -1078,16 +1121,16 @@ def run(args, smoke, carry):
 
     # ---- report
     def report():
-        write_json(os.path.join(rep_dir, "train_log.json"), train_log)
         write_json(os.path.join(rep_dir, "eval.json"), evals)
-        plot_loss(train_log, os.path.join(rep_dir, "loss_curve.png"))
+        if train_log is not None:
+            write_json(os.path.join(rep_dir, "train_log.json"), train_log)
+            plot_loss(train_log, os.path.join(rep_dir, "loss_curve.png"))
         sizes = {f"{d}/{f}": os.path.getsize(os.path.join(work, d, f)) for d in ("fixtures", "report")
                  for f in sorted(os.listdir(os.path.join(work, d)))}
         log(f"outputs: {sizes}")
 
     stage("report", report)
     stage("export", lambda: export(export_dir, "results", {"fixtures": fix_dir, "report": rep_dir}))
-    log(f"===== {tag} run done; failed stages: {failures or 'none'} =====")
     return failures
 
 
@@ -1111,6 +1154,8 @@ def main():
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--smoke", action="store_true", help="only the few-step smoke run")
     ap.add_argument("--smoke-first", action="store_true", help="the smoke run, then the real run")
+    ap.add_argument("--evaluate", default=None, metavar="MODEL_DIR",
+                    help="no training: evaluate this checkpoint and write the fixtures and eval.json under --work")
     args = ap.parse_args()
     assert args.steps == "auto" or args.steps.isdigit(), "--steps is a number or 'auto'"
     assert torch.cuda.is_available(), "needs a CUDA GPU"
@@ -1119,6 +1164,24 @@ def main():
     log(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"tokenizers {tokenizers.__version__}, GPU {torch.cuda.get_device_name(0)}")
     log("command: " + " ".join(sys.argv))
+    if args.evaluate:
+        # The evaluation and fixtures alone, on a checkpoint already made (e.g. models/moescope-tiny-gsm8k).
+        log(f"===== evaluate {args.evaluate} =====")
+        train_rows = load_jsonl(os.path.join(args.data, "train.jsonl"))
+        test_rows = load_jsonl(os.path.join(args.data, "test.jsonl"))
+        val_rows, _ = split_train(train_rows, args.seed)
+        tok = Tokenizer.from_file(os.path.join(args.evaluate, "tokenizer.json"))
+        try:
+            hf_tok = AutoTokenizer.from_pretrained(args.evaluate)
+        except Exception as exc:  # noqa: BLE001 - the chat fixture then fails, the rest still runs
+            log(f"WARNING: transformers cannot load the tokenizer: {exc}")
+            hf_tok = None
+        if os.path.isdir(args.work):
+            shutil.rmtree(args.work)
+        os.makedirs(args.work)
+        failed = evaluate_checkpoint(args.evaluate, args.work, args.export, False, tok, hf_tok, test_rows, val_rows)
+        log(f"all done; failed stages: {failed or 'none'}")
+        sys.exit(1 if failed else 0)
     carry = {}
     failed = []
     if args.smoke or args.smoke_first:
