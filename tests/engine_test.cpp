@@ -157,6 +157,78 @@ TEST_F(EngineTest, BadRequestsAreRejected) {
   EXPECT_FALSE(engine.has_work());
 }
 
+TEST_F(EngineTest, KvBudgetPreemptsAndRecomputesToTheSameTokens) {
+  // 4 requests that need 10 + 20 tokens each, in a cache of 64 tokens (8 blocks of 8): they cannot all
+  // run at once, so the newest are preempted and recomputed; every request still gets its solo tokens.
+  const std::vector<std::vector<int32_t>> prompts = {{1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, {11, 12, 13, 14, 15, 16, 17, 18, 19, 20},
+                                                     {21, 22, 23, 24, 25, 26, 27, 28, 29, 30}, {31, 32, 33, 34, 35, 36, 37, 38, 39, 40}};
+  std::vector<std::vector<int32_t>> solo;
+  for (const auto& p : prompts) {
+    cpu::CpuBackend backend(weights_);
+    Engine engine(backend, EngineOptions{});
+    engine.add_request({"solo", p, SamplingParams{}, 20, true});
+    solo.push_back(engine.run_to_completion().at(0).output_ids);
+  }
+  cpu::CpuBackend backend(weights_);
+  Engine engine(backend, EngineOptions{8, {}, /*kv_cache_tokens=*/64, /*block_size=*/8});
+  EXPECT_EQ(engine.kv_blocks_total(), 8);
+  for (size_t i = 0; i < prompts.size(); ++i) engine.add_request({"r" + std::to_string(i), prompts[i], SamplingParams{}, 20, true});
+  int64_t max_used = 0;
+  std::vector<RequestOutput> outs;
+  while (engine.has_work()) {
+    for (auto& o : engine.step()) outs.push_back(std::move(o));
+    max_used = std::max(max_used, engine.kv_blocks_used());
+    EXPECT_LE(engine.kv_blocks_used(), 8);
+  }
+  EXPECT_GT(engine.timing().preemptions, 0);
+  EXPECT_EQ(engine.kv_blocks_used(), 0);
+  ASSERT_EQ(outs.size(), prompts.size());
+  for (const auto& o : outs) EXPECT_EQ(o.output_ids, solo[std::stoi(o.req_id.substr(1))]) << o.req_id;
+  std::printf("  preemptions %ld, max blocks used %ld of 8\n", static_cast<long>(engine.timing().preemptions), static_cast<long>(max_used));
+}
+
+TEST_F(EngineTest, PromptThatCanNeverFitIsRejectedAndFinishEndsRequests) {
+  cpu::CpuBackend backend(weights_);
+  Engine engine(backend, EngineOptions{8, {}, 16, 8});
+  EXPECT_THROW(engine.add_request({"big", std::vector<int32_t>(16, 1), SamplingParams{}, 4, true}), Error);
+  engine.add_request({"a", {1, 2, 3}, SamplingParams{}, 10, true});
+  engine.add_request({"b", {4, 5, 6}, SamplingParams{}, 10, true});
+  engine.step();
+  const auto a = engine.finish("a", "abort");
+  ASSERT_TRUE(a.has_value());
+  EXPECT_EQ(a->finish_reason, "abort");
+  EXPECT_EQ(a->output_ids.size(), 1u);
+  EXPECT_FALSE(engine.finish("a", "abort").has_value());
+  EXPECT_TRUE(engine.finish("b", "stop").has_value());
+  EXPECT_FALSE(engine.has_work());
+  EXPECT_EQ(engine.kv_blocks_used(), 0);
+}
+
+TEST_F(EngineTest, LogprobsAreTheLogSoftmaxOfTheRawLogits) {
+  const std::vector<int32_t> prompt = {7, 8, 9};
+  cpu::CpuBackend probe(weights_);
+  Batch batch;
+  batch.sequences.push_back({probe.create_cache(), 0, prompt, "p"});
+  std::vector<float> logits;
+  probe.forward(batch, nullptr, logits);
+  double z = 0.0;
+  for (float v : logits) z += std::exp(static_cast<double>(v));
+  cpu::CpuBackend backend(weights_);
+  Engine engine(backend, EngineOptions{});
+  engine.add_request({"l", prompt, SamplingParams{}, 1, true, /*logprobs=*/3});
+  engine.step();
+  ASSERT_EQ(engine.step_tokens().size(), 1u);
+  const TokenEvent& e = engine.step_tokens()[0];
+  EXPECT_EQ(e.token, argmax(logits));
+  EXPECT_NEAR(e.logprob, logits[e.token] - std::log(z), 1e-5);
+  ASSERT_EQ(e.top.size(), 3u);
+  EXPECT_EQ(e.top[0].first, e.token);
+  EXPECT_GE(e.top[0].second, e.top[1].second);
+  EXPECT_GE(e.top[1].second, e.top[2].second);
+  EXPECT_NEAR(e.top[2].second, logits[e.top[2].first] - std::log(z), 1e-5);
+  EXPECT_EQ(e.finish_reason, "length");
+}
+
 TEST(Sampler, GreedyIsArgmaxFirstOnTies) {
   Sampler s(SamplingParams{});
   EXPECT_EQ(s.sample(std::vector<float>{0.1f, 3.0f, 3.0f, -1.0f}), 1);

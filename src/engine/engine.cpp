@@ -2,13 +2,23 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 
 #include "util/error.h"
 
 namespace moescope {
 
 Engine::Engine(Backend& backend, EngineOptions options, RoutingSink* sink)
-    : backend_(backend), options_(std::move(options)), sink_(sink) {}
+    : backend_(backend), options_(std::move(options)), sink_(sink) {
+  if (options_.block_size < 1) fail("engine: block size must be positive");
+  if (options_.kv_cache_tokens > 0) total_blocks_ = options_.kv_cache_tokens / options_.block_size;
+  if (options_.kv_cache_tokens > 0 && total_blocks_ < 1)
+    fail("engine: a KV budget of {} tokens holds no block of {} tokens", options_.kv_cache_tokens, options_.block_size);
+}
+
+int64_t Engine::blocks_for(size_t tokens) const {
+  return (static_cast<int64_t>(tokens) + options_.block_size - 1) / options_.block_size;
+}
 
 void Engine::add_request(Request request) {
   const ModelConfig& c = backend_.config();
@@ -16,7 +26,10 @@ void Engine::add_request(Request request) {
   for (int32_t id : request.prompt_ids)
     if (id < 0 || id >= c.vocab_size) fail("request {}: token id {} out of range (vocab_size {})", request.req_id, id, c.vocab_size);
   if (request.max_tokens < 1) fail("request {}: max_tokens must be at least 1", request.req_id);
-  auto seq = std::make_unique<Sequence>(Sequence{request, request.prompt_ids, 0, -1, Sampler(request.sampling), next_order_++});
+  if (total_blocks_ > 0 && blocks_for(request.prompt_ids.size() + 1) > total_blocks_)
+    fail("request {}: a prompt of {} tokens can never fit in the KV cache ({} tokens)", request.req_id,
+         request.prompt_ids.size(), total_blocks_ * options_.block_size);
+  auto seq = std::make_unique<Sequence>(Sequence{request, request.prompt_ids, 0, -1, 0, Sampler(request.sampling), next_order_++});
   waiting_.push_back(std::move(seq));
 }
 
@@ -31,21 +44,111 @@ bool Engine::at_length_limit(const Sequence& seq) const {
   return generated >= seq.request.max_tokens || (max_len > 0 && static_cast<int>(seq.tokens.size()) >= max_len);
 }
 
-std::vector<RequestOutput> Engine::step() {
-  // Admit waiting requests while there is room; their prefill joins the running decodes.
+void Engine::release(Sequence& seq) {
+  if (seq.cache_id >= 0) backend_.free_cache(seq.cache_id);
+  seq.cache_id = -1;
+  used_blocks_ -= seq.blocks;
+  seq.blocks = 0;
+  seq.num_computed = 0;
+}
+
+RequestOutput Engine::output_of(const Sequence& seq, const std::string& reason) const {
+  return {seq.request.req_id, seq.request.prompt_ids,
+          std::vector<int32_t>(seq.tokens.begin() + static_cast<std::ptrdiff_t>(seq.request.prompt_ids.size()), seq.tokens.end()),
+          reason, seq.order};
+}
+
+void Engine::preempt_for_decodes() {
+  if (total_blocks_ == 0) return;
+  // Each running sequence computes its pending tokens this pass: it needs blocks for all its tokens.
+  auto needed = [&] {
+    int64_t extra = 0;
+    for (const auto& s : running_) extra += std::max<int64_t>(0, blocks_for(s->tokens.size()) - s->blocks);
+    return extra;
+  };
+  while (!running_.empty() && used_blocks_ + needed() > total_blocks_) {
+    std::unique_ptr<Sequence> victim = std::move(running_.back());  // the most recently admitted
+    running_.pop_back();
+    release(*victim);
+    ++timing_.preemptions;
+    waiting_.push_front(std::move(victim));
+  }
+  for (auto& s : running_) {
+    const int64_t want = blocks_for(s->tokens.size());
+    used_blocks_ += want - s->blocks;
+    s->blocks = want;
+  }
+}
+
+void Engine::admit() {
+  // First come, first served: the head of the queue waits until it fits; nothing overtakes it.
   while (!waiting_.empty() && static_cast<int>(running_.size()) < options_.max_num_seqs) {
-    waiting_.front()->cache_id = backend_.create_cache();
+    Sequence& seq = *waiting_.front();
+    const int64_t want = blocks_for(seq.tokens.size());
+    if (total_blocks_ > 0 && used_blocks_ + want > total_blocks_) break;
+    seq.cache_id = backend_.create_cache();
+    seq.blocks = want;
+    used_blocks_ += want;
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
   }
-  if (running_.empty()) return {};
+}
+
+std::optional<RequestOutput> Engine::finish(const std::string& req_id, const std::string& reason) {
+  for (auto it = waiting_.begin(); it != waiting_.end(); ++it)
+    if ((*it)->request.req_id == req_id) {
+      RequestOutput out = output_of(**it, reason);
+      waiting_.erase(it);
+      return out;
+    }
+  for (auto it = running_.begin(); it != running_.end(); ++it)
+    if ((*it)->request.req_id == req_id) {
+      RequestOutput out = output_of(**it, reason);
+      release(**it);
+      running_.erase(it);
+      return out;
+    }
+  return std::nullopt;
+}
+
+namespace {
+
+// logprob of `token` and the k best, from the raw logits: log_softmax in double.
+void fill_logprobs(std::span<const float> logits, int k, TokenEvent& event) {
+  const float max = *std::max_element(logits.begin(), logits.end());
+  double sum = 0.0;
+  for (float v : logits) sum += std::exp(static_cast<double>(v) - max);
+  const double log_z = max + std::log(sum);
+  event.logprob = static_cast<float>(logits[static_cast<size_t>(event.token)] - log_z);
+  if (k <= 0) return;
+  std::vector<int32_t> ids(logits.size());
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>(i);
+  const auto top = ids.begin() + std::min<std::ptrdiff_t>(k, static_cast<std::ptrdiff_t>(ids.size()));
+  std::partial_sort(ids.begin(), top, ids.end(), [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); });
+  for (auto it = ids.begin(); it != top; ++it) event.top.emplace_back(*it, static_cast<float>(logits[static_cast<size_t>(*it)] - log_z));
+}
+
+}  // namespace
+
+std::vector<RequestOutput> Engine::step() {
+  events_.clear();
+  std::vector<RequestOutput> done;
+  preempt_for_decodes();
+  // A sequence that outgrew the whole budget alone (a budget below the model's length) ends here.
+  while (total_blocks_ > 0 && !waiting_.empty() && blocks_for(waiting_.front()->tokens.size()) > total_blocks_) {
+    done.push_back(output_of(*waiting_.front(), "length"));
+    events_.push_back({waiting_.front()->request.req_id, -1, 0.0f, {}, "length"});
+    waiting_.pop_front();
+  }
+  admit();
+  if (running_.empty()) return done;
 
   Batch batch;
   batch.forward_pass_id = next_pass_id_++;
   int64_t prefill_tokens = 0;
   for (const auto& seq : running_) {
     const std::span<const int32_t> fresh(seq->tokens.data() + seq->num_computed, seq->tokens.size() - seq->num_computed);
-    if (seq->num_computed == 0) prefill_tokens += static_cast<int64_t>(fresh.size());
+    if (fresh.size() > 1 || seq->num_computed == 0) prefill_tokens += static_cast<int64_t>(fresh.size());
     batch.sequences.push_back({seq->cache_id, seq->num_computed, fresh, seq->request.req_id});
   }
   const auto started = std::chrono::steady_clock::now();
@@ -61,22 +164,23 @@ std::vector<RequestOutput> Engine::step() {
     timing_.decode_tokens += static_cast<int64_t>(running_.size());
   }
 
-  std::vector<RequestOutput> done;
   const size_t vocab = static_cast<size_t>(backend_.config().vocab_size);
   for (size_t s = 0; s < running_.size(); ++s) {
     Sequence& seq = *running_[s];
     seq.num_computed = static_cast<int32_t>(seq.tokens.size());
-    const int32_t token = seq.sampler.sample(std::span<const float>(logits.data() + s * vocab, vocab));
-    const bool eos = is_eos(seq, token);
-    if (!eos) seq.tokens.push_back(token);
+    const std::span<const float> row(logits.data() + s * vocab, vocab);
+    TokenEvent event{seq.request.req_id, seq.sampler.sample(row), 0.0f, {}, ""};
+    if (seq.request.logprobs >= 0) fill_logprobs(row, seq.request.logprobs, event);
+    const bool eos = is_eos(seq, event.token);
+    if (eos) event.token = -1;  // the eos id ends the sequence and is not part of the output
+    else seq.tokens.push_back(event.token);
     if (eos || at_length_limit(seq)) {
-      RequestOutput out{seq.request.req_id, seq.request.prompt_ids,
-                        std::vector<int32_t>(seq.tokens.begin() + static_cast<std::ptrdiff_t>(seq.request.prompt_ids.size()), seq.tokens.end()),
-                        eos ? "stop" : "length", seq.order};
-      done.push_back(std::move(out));
-      backend_.free_cache(seq.cache_id);
+      event.finish_reason = eos ? "stop" : "length";
+      done.push_back(output_of(seq, event.finish_reason));
+      release(seq);
       running_[s].reset();
     }
+    events_.push_back(std::move(event));
   }
   std::erase_if(running_, [](const auto& seq) { return !seq; });
   return done;
