@@ -5,11 +5,13 @@
 
 #include <cmath>
 #include <fstream>
+#include <random>
 #include <set>
 
 #include "analysis/metrics.h"
 #include "analysis/plot.h"
 #include "analysis/plot_style.h"
+#include "analysis/route_line.h"
 #include "analysis/route_reader.h"
 #include "analysis/timing.h"
 #include "test_util.h"
@@ -340,6 +342,73 @@ TEST(RouteReader, NoMetaWithFlagSizesTheCounts) {
   EXPECT_EQ(d.counts.at(0).size(), 60u);
   EXPECT_EQ(d.records_without_token, 1);
   EXPECT_EQ(d.tokens, 0);
+}
+
+// The fast line parser against the reference: it must take the usual lines, and whatever it takes
+// the reference must take too, with the same result. Mutated lines probe the edges.
+TEST(RouteLine, FastParserAgreesWithTheReference) {
+  RouteLimits limits;
+  limits.expert_limit = 60;
+  limits.num_experts_known = true;
+  limits.num_layers = 24;
+  limits.top_k = 4;
+  const std::vector<std::string> usual = {
+      R"({"type":"route","req_id":"r0","token_idx":0,"layer":0,"topk_ids":[3,12,7,40],"topk_weights":[0.42,0.21,0.2,0.17]})",
+      R"({"forward_pass_id":12,"rank":1,"req_id":"cmpl-7","token_idx":130,"layer":23,"topk_ids":[59,0,1,2],"topk_weights":[1e-05,0.5,0.25,0.24999]})",
+      R"({ "layer" : 5 , "topk_ids" : [ 1 , 2 , 3 , 4 ] , "extra": [1.5, -2], "note": "x", "flag": true, "nothing": null })",
+      R"({"type":"route","layer":1,"topk_ids":[4,5,6,7],"topk_weights":[0.25,0.25,0.25,0.25],"req_id":"a b","token_idx":9})",
+  };
+  auto reference = [&](const std::string& line) -> std::optional<Route> {
+    const Json j = Json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.is_object() || !j.contains("layer") || !j.contains("topk_ids")) return std::nullopt;
+    if (j.contains("type") && j["type"] == "meta") return std::nullopt;
+    std::string reason;
+    return route_from_json(j, limits, reason);
+  };
+  for (const std::string& line : usual) {
+    const std::optional<Route> fast = parse_route_fast(line, limits);
+    ASSERT_TRUE(fast.has_value()) << line;
+    EXPECT_EQ(fast, reference(line)) << line;
+  }
+  const std::vector<std::string> declined = {
+      R"({"type":"meta","layer":0,"topk_ids":[1,2,3,4]})",
+      R"({"layer":0,"topk_ids":[1,2,3,4],"layer":1})",
+      R"({"layer":0,"topk_ids":[1,2,3,60]})",
+      R"({"layer":24,"topk_ids":[1,2,3,4]})",
+      R"({"layer":0,"topk_ids":[1,2,3,3]})",
+      R"({"layer":0,"topk_ids":[1,2,3]})",
+      R"({"layer":0,"topk_ids":[1,2,3,4],"topk_weights":[0.5,0.5]})",
+      R"({"layer":0,"topk_ids":[1,2,3,4],"req_id":"café"})",
+      R"({"layer":0,"topk_ids":[1,2,3,4.0]})",
+      R"({"layer":-0,"topk_ids":[1,2,3,4]})",
+      R"({"layer":0,"topk_ids":[01,2,3,4]})",
+      R"({"layer":0,"topk_ids":[1,2,3,4]} x)",
+      R"({"layer":0,"topk_ids":[1,2,3,4],"nested":{"a":1}})",
+      R"({"layer":0,"topk_ids":[1,2,3,4],"topk_weights":[1e999,0,0,0]})",
+  };
+  for (const std::string& line : declined) EXPECT_FALSE(parse_route_fast(line, limits).has_value()) << line;
+
+  std::mt19937 rng(1234);
+  const std::string alphabet = R"({}[]:,\0123456789-.eE +"abclrtyx)" "\t";
+  int accepted = 0;
+  for (int trial = 0; trial < 20000; ++trial) {
+    std::string line = usual[static_cast<size_t>(trial) % usual.size()];
+    const int edits = 1 + static_cast<int>(rng() % 3);
+    for (int e = 0; e < edits; ++e) {
+      const size_t at = rng() % line.size();
+      const char c = alphabet[rng() % alphabet.size()];
+      switch (rng() % 3) {
+        case 0: line.erase(at, 1); break;
+        case 1: line.insert(at, 1, c); break;
+        default: line[at] = c;
+      }
+    }
+    const std::optional<Route> fast = parse_route_fast(line, limits);
+    if (!fast) continue;
+    ++accepted;
+    EXPECT_EQ(fast, reference(line)) << line;
+  }
+  EXPECT_GT(accepted, 1000);  // the mutations reach the accepting paths, not only the declining ones
 }
 
 TEST(RouteReader, MissingFileIsAnError) {

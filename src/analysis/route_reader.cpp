@@ -5,6 +5,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "analysis/route_line.h"
 #include "util/error.h"
 #include "util/json.h"
 
@@ -13,40 +14,9 @@ namespace {
 
 // Without a meta line or --num-experts the expert count is inferred from the ids, so one corrupt
 // id such as 123456789 would otherwise size every count vector; no MoE model has more experts.
-constexpr int k_max_inferred_experts = 1 << 16;
+constexpr int k_max_inferred_experts = RouteLimits{}.expert_limit;
 // Token positions below this are tracked in a bitmap per request; rarer larger ones in a hash set.
 constexpr int64_t k_bitmap_tokens = 1 << 22;
-
-// A non-negative integer that fits an int, or nullopt.
-std::optional<int> small_index(const Json& j) {
-  if (!j.is_number_integer()) return std::nullopt;
-  if (j.is_number_unsigned()) {
-    const uint64_t v = j.get<uint64_t>();
-    return v <= static_cast<uint64_t>(INT32_MAX) ? std::optional<int>(static_cast<int>(v)) : std::nullopt;
-  }
-  const int64_t v = j.get<int64_t>();
-  return v >= 0 && v <= INT32_MAX ? std::optional<int>(static_cast<int>(v)) : std::nullopt;
-}
-
-std::optional<int64_t> index64(const Json& j) {
-  if (!j.is_number_integer()) return std::nullopt;
-  if (j.is_number_unsigned()) {
-    const uint64_t v = j.get<uint64_t>();
-    return v <= static_cast<uint64_t>(INT64_MAX) ? std::optional<int64_t>(static_cast<int64_t>(v)) : std::nullopt;
-  }
-  const int64_t v = j.get<int64_t>();
-  return v >= 0 ? std::optional<int64_t>(v) : std::nullopt;
-}
-
-// One route line, checked: what the accumulator adds.
-struct Route {
-  int layer = 0;
-  std::vector<int> topk_ids;
-  std::optional<std::string> req_id;
-  std::optional<int64_t> token_idx;
-  std::optional<int> rank;
-  std::optional<int64_t> forward_pass_id;
-};
 
 class Accumulator {
  public:
@@ -56,6 +26,8 @@ class Accumulator {
     ++data_.lines_read;
     if (!text.empty() && text.back() == '\r') text.remove_suffix(1);  // CRLF files
     if (text.find_first_not_of(" \t") == std::string_view::npos) return;
+    const RouteLimits limits = this->limits();
+    if (std::optional<Route> route = parse_route_fast(text, limits)) return add_route(*route);
     Json j = Json::parse(text, nullptr, /*allow_exceptions=*/false);
     if (j.is_discarded())
       return malformed(line_no, unterminated ? "truncated last line (no newline at the end)" : "not valid JSON");
@@ -67,7 +39,7 @@ class Accumulator {
       return;
     }
     std::string reason;
-    std::optional<Route> route = parse_route(j, reason);
+    std::optional<Route> route = route_from_json(j, limits, reason);
     if (!route) return malformed(line_no, reason);
     add_route(*route);
   }
@@ -164,94 +136,15 @@ class Accumulator {
     data_.meta = std::move(meta);
   }
 
-  int expert_limit() const {
-    if (options_.num_experts) return *options_.num_experts;
-    if (data_.meta.num_experts) return *data_.meta.num_experts;
-    return k_max_inferred_experts;
-  }
-
-  std::optional<Route> parse_route(const Json& j, std::string& reason) {
-    Route r;
-    const std::optional<int> layer = small_index(j["layer"]);
-    if (!layer) {
-      reason = "\"layer\" is not a non-negative integer";
-      return std::nullopt;
-    }
-    if (data_.meta.num_layers && *layer >= *data_.meta.num_layers) {
-      reason = fmt::format("layer {} out of range (num_layers {})", *layer, *data_.meta.num_layers);
-      return std::nullopt;
-    }
-    r.layer = *layer;
-
-    const Json& ids = j["topk_ids"];
-    if (!ids.is_array() || ids.empty()) {
-      reason = "\"topk_ids\" is not a non-empty list";
-      return std::nullopt;
-    }
-    const int limit = expert_limit();
-    for (const Json& id : ids) {
-      const std::optional<int> e = small_index(id);
-      if (!e) {
-        reason = "\"topk_ids\" holds something other than a non-negative integer";
-        return std::nullopt;
-      }
-      if (*e >= limit) {
-        reason = limit == k_max_inferred_experts && !options_.num_experts && !data_.meta.num_experts
-                     ? fmt::format("expert id {} is implausible", *e)
-                     : fmt::format("expert id {} out of range (num_experts {})", *e, limit);
-        return std::nullopt;
-      }
-      for (int seen : r.topk_ids)
-        if (seen == *e) {
-          // A router picks k distinct experts; a repeat means the line is corrupt.
-          reason = fmt::format("expert id {} appears twice in \"topk_ids\"", *e);
-          return std::nullopt;
-        }
-      r.topk_ids.push_back(*e);
-    }
-    if (data_.meta.top_k && static_cast<int>(r.topk_ids.size()) != *data_.meta.top_k) {
-      reason = fmt::format("\"topk_ids\" has {} entries, top_k is {}", r.topk_ids.size(), *data_.meta.top_k);
-      return std::nullopt;
-    }
-    if (const auto w = j.find("topk_weights"); w != j.end()) {
-      bool ok = w->is_array() && w->size() == ids.size();
-      if (ok)
-        for (const Json& x : *w) ok = ok && x.is_number() && std::isfinite(x.get<double>());
-      if (!ok) {
-        reason = "\"topk_weights\" is not a list of numbers as long as \"topk_ids\"";
-        return std::nullopt;
-      }
-    }
-    if (const auto it = j.find("req_id"); it != j.end() && !it->is_null()) {
-      if (it->is_string()) r.req_id = it->get<std::string>();
-      else if (it->is_number_integer()) r.req_id = it->dump();
-      else {
-        reason = "\"req_id\" is neither a string nor an integer";
-        return std::nullopt;
-      }
-    }
-    if (const auto it = j.find("token_idx"); it != j.end() && !it->is_null()) {
-      r.token_idx = index64(*it);
-      if (!r.token_idx) {
-        reason = "\"token_idx\" is not a non-negative integer";
-        return std::nullopt;
-      }
-    }
-    if (const auto it = j.find("rank"); it != j.end() && !it->is_null()) {
-      r.rank = small_index(*it);
-      if (!r.rank) {
-        reason = "\"rank\" is not a non-negative integer";
-        return std::nullopt;
-      }
-    }
-    if (const auto it = j.find("forward_pass_id"); it != j.end() && !it->is_null()) {
-      r.forward_pass_id = index64(*it);
-      if (!r.forward_pass_id) {
-        reason = "\"forward_pass_id\" is not a non-negative integer";
-        return std::nullopt;
-      }
-    }
-    return r;
+  RouteLimits limits() const {
+    RouteLimits l;
+    if (options_.num_experts) l.expert_limit = *options_.num_experts;
+    else if (data_.meta.num_experts) l.expert_limit = *data_.meta.num_experts;
+    else l.expert_limit = k_max_inferred_experts;
+    l.num_experts_known = options_.num_experts || data_.meta.num_experts;
+    l.num_layers = data_.meta.num_layers;
+    l.top_k = data_.meta.top_k;
+    return l;
   }
 
   void add_route(const Route& r) {
