@@ -43,6 +43,27 @@ RoutingShape routing_shape(const ModelConfig& config, const std::string& model_i
   return shape;
 }
 
+std::filesystem::path default_model_dir() {
+  namespace fs = std::filesystem;
+  std::vector<fs::path> candidates;
+  // MOESCOPE_SOURCE_DIR: the source tree this binary was built from (set by CMake).
+  candidates.push_back(fs::path(MOESCOPE_SOURCE_DIR) / "models" / k_default_model_name);
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    const fs::path bin = exe.parent_path();
+    for (const fs::path& base : {bin, bin.parent_path(), bin.parent_path() / "share" / "moescope"})
+      candidates.push_back(base / "models" / k_default_model_name);
+  }
+  std::string looked;
+  for (const fs::path& dir : candidates) {
+    if (fs::is_regular_file(dir / "config.json", ec)) return dir;
+    looked += (looked.empty() ? "" : ", ") + dir.string();
+  }
+  fail("no model named and the default model {} is not installed (looked in {}); give a model directory",
+       k_default_model_name, looked);
+}
+
 std::vector<int32_t> parse_ids(const std::string& text) {
   std::vector<int32_t> ids;
   size_t i = 0;

@@ -5,6 +5,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "model/weights.h"
@@ -23,6 +24,15 @@ struct LoadedModel {
 };
 
 LoadedModel load_model(const std::filesystem::path& dir);
+
+// The trained MoE that ships with moescope (models/moescope-tiny-gsm8k, docs/DEFAULT_MODEL.md): every
+// command that runs a model uses it when none is named.
+inline constexpr std::string_view k_default_model_name = "moescope-tiny-gsm8k";
+
+// Where the default model is: models/<name> in the source tree the binary was built from, else beside the
+// executable (<exe dir>/models, <exe dir>/../models, <exe dir>/../share/moescope/models). Throws an Error
+// that names every place it looked when none holds a config.json.
+std::filesystem::path default_model_dir();
 
 // The routing geometry the recording sinks need, named after the model (model_id).
 RoutingShape routing_shape(const ModelConfig& config, const std::string& model_id);
