@@ -1,4 +1,4 @@
-// moescope generate MODEL (--prompt T | --prompt-ids 1,2,3 | --prompts FILE) [sampling flags] [--chat] [--json]
+// moescope generate [MODEL] (--prompt T | --prompt-ids 1,2,3 | --prompts FILE) [sampling flags] [--chat] [--json]
 #include <fmt/format.h>
 
 #include <chrono>
@@ -48,7 +48,7 @@ void run_generate(const GenerateArgs& a) {
   if (a.top_k < -1) fail("generate: --top-k must be -1, 0 (off) or positive");
   require_cpu_device(a.device);
 
-  const LoadedModel m = load_model(a.model);
+  const LoadedModel m = load_model(a.model.empty() ? default_model_dir() : std::filesystem::path(a.model));
   std::vector<std::vector<int32_t>> prompts;
   if (!a.prompt_ids.empty()) {
     if (a.chat) fail("generate: --chat needs a text prompt, not --prompt-ids");
@@ -106,7 +106,8 @@ void run_generate(const GenerateArgs& a) {
 void add_generate(CLI::App& app) {
   auto args = std::make_shared<GenerateArgs>();
   CLI::App* cmd = app.add_subcommand("generate", "Generate text (or ids) from a prompt on the CPU");
-  cmd->add_option("model", args->model, "Model directory in Hugging Face layout")->required();
+  cmd->add_option("model", args->model,
+                  "Model directory in Hugging Face layout (default: models/moescope-tiny-gsm8k, shipped with moescope)");
   cmd->add_option("--prompt", args->prompt, "Prompt text");
   cmd->add_option("--prompt-ids", args->prompt_ids, "Prompt as token ids, e.g. 1,2,3");
   cmd->add_option("--prompts", args->prompts_file, "File with one prompt per line (run as one batch)");
