@@ -95,7 +95,7 @@ void plot_expert_heatmap(const std::filesystem::path& path, const HeatmapPlot& p
          true);
   }
   vertical_text(cr, "layer", 30, (k_top + bottom) / 2, 13, k_muted);
-  const int col_step = label_step(col_w, 26);
+  const int col_step = label_step(col_w, text_width(cr, std::to_string(num_experts - 1), 12) + 12);
   for (int e = 0; e < num_experts; e += col_step) {
     const double x = std::round(k_left + col_w * (e + 0.5)) + 0.5;
     set_source(cr, k_axis);

@@ -29,10 +29,10 @@ void badge(cairo_t* cr, double x, double y, int rank) {
   text(cr, std::to_string(rank), x, y, 10.5, {1, 1, 1}, Align::kCenter, Weight::kBold, true);
 }
 
-// Every `step` experts gets a labelled tick, step chosen so labels keep ~26 px apart.
-int x_label_step(double slot) {
+// Every `step` experts gets a labelled tick, step chosen so labels keep min_gap apart.
+int x_label_step(double slot, double min_gap) {
   for (int step : {1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000})
-    if (slot * step >= 26) return step;
+    if (slot * step >= min_gap) return step;
   return 1000;
 }
 
@@ -128,7 +128,8 @@ void plot_expert_histogram(const std::filesystem::path& path, const HistogramPlo
   cairo_line_to(cr, k_left + 0.5, k_bottom + 0.5);
   cairo_line_to(cr, k_right, k_bottom + 0.5);
   cairo_stroke(cr);
-  const int step = x_label_step(slot);
+  // The widest id label plus a margin: two-digit ids may sit closer than three-digit ones.
+  const int step = x_label_step(slot, text_width(cr, std::to_string(num_experts - 1), 12) + 12);
   for (int e = 0; e < num_experts; e += step) {
     const double x = std::round(k_left + slot * (e + 0.5)) + 0.5;
     set_source(cr, k_axis);

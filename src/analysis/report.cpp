@@ -96,19 +96,21 @@ struct LayerMetrics {
 };
 
 std::string distribution_text(const DistributionMetrics& m) {
-  std::string s = fmt::format("Top-{} experts:\n", std::min<int>(k_summary_top_experts, m.num_experts));
+  const int shown = std::min<int>(k_summary_top_experts, m.num_experts);
+  std::string s = shown == 1 ? std::string("Top expert:\n") : fmt::format("Top-{} experts:\n", shown);
   double top_share = 0;
   for (size_t i = 0; i < m.top_experts.size() && i < k_summary_top_experts; ++i) {
     const ExpertShare& t = m.top_experts[i];
     s += fmt::format("  {}. Expert {}: {} selections ({})\n", i + 1, t.expert, thousands(t.count), percent(t.share));
     top_share += t.share;
   }
-  const int shown = std::min<int>(k_summary_top_experts, m.num_experts);
-  s += fmt::format("  together {} of all selections (uniform routing: {})\n", percent(top_share),
-                   percent(static_cast<double>(shown) / m.num_experts));
+  if (shown > 1)
+    s += fmt::format("  together {} of all selections (uniform routing: {})\n", percent(top_share),
+                     percent(static_cast<double>(shown) / m.num_experts));
   s += "Distribution:\n";
   s += fmt::format("  Shannon entropy: {:.3f} bits\n", m.entropy_bits);
-  s += fmt::format("  Max entropy:     {:.3f} bits (for {} experts)\n", m.max_entropy_bits, m.num_experts);
+  s += fmt::format("  Max entropy:     {:.3f} bits (for {} expert{})\n", m.max_entropy_bits, m.num_experts,
+                   m.num_experts == 1 ? "" : "s");
   s += fmt::format("  Load balance:    {:.3f} ({} of perfect balance)\n", m.normalized_entropy,
                    percent(m.normalized_entropy));
   s += fmt::format("  Gini {:.3f}, coefficient of variation {:.3f}, max/mean {:.2f}, {} of {} experts used\n", m.gini,
