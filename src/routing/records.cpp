@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <cmath>
+#include <cstdlib>
 #include <numeric>
 
 namespace moescope {
@@ -76,6 +78,20 @@ void PassRoutes::add_layer(int layer, std::span<const int32_t> topk_ids, std::sp
   layers.push_back(layer);
   ids.insert(ids.end(), topk_ids.begin(), topk_ids.end());
   weights.insert(weights.end(), topk_weights.begin(), topk_weights.end());
+}
+
+double json_float(float value) {
+  if (!std::isfinite(value)) return static_cast<double>(value);
+  char buffer[32];
+  const auto end = fmt::format_to(buffer, "{}", value);
+  return std::strtod(std::string(buffer, end).c_str(), nullptr);
+}
+
+std::vector<double> json_floats(std::span<const float> values) {
+  std::vector<double> out;
+  out.reserve(values.size());
+  for (float v : values) out.push_back(json_float(v));
+  return out;
 }
 
 void append_json_string(std::string& out, const std::string& text) {

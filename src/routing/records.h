@@ -64,6 +64,11 @@ struct PassRoutes {
   void append_jsonl(std::string& out, int rank = -1) const;
 };
 
+// A float as the double that prints as its shortest round-trip decimal (0.42, not 0.41999998688697815),
+// for JSON built with nlohmann::json.
+double json_float(float value);
+std::vector<double> json_floats(std::span<const float> values);
+
 // A JSON string literal (quotes and escapes included).
 void append_json_string(std::string& out, const std::string& text);
 
