@@ -52,8 +52,10 @@ std::filesystem::path default_model_dir() {
   const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
   if (!ec) {
     const fs::path bin = exe.parent_path();
-    for (const fs::path& base : {bin, bin.parent_path(), bin.parent_path() / "share" / "moescope"})
-      candidates.push_back(base / "models" / k_default_model_name);
+    for (const fs::path& base : {bin, bin.parent_path(), bin.parent_path() / "share" / "moescope"}) {
+      const fs::path dir = base / "models" / k_default_model_name;
+      if (std::find(candidates.begin(), candidates.end(), dir) == candidates.end()) candidates.push_back(dir);
+    }
   }
   std::string looked;
   for (const fs::path& dir : candidates) {
