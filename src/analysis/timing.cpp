@@ -47,6 +47,26 @@ TimingFile read_timing_file(const std::filesystem::path& path) {
   return t;
 }
 
+void merge_timing_entry(const std::filesystem::path& path, const std::string& label, const TimingRun& run) {
+  Json all = Json::object();
+  if (std::filesystem::exists(path)) {
+    all = read_json_file(path);
+    if (!all.is_object()) fail("{}: timing file is not a JSON object; move it away or give another --timing", path.string());
+  }
+  Json entry = {{"seconds", run.seconds}};
+  if (run.prompts) entry["prompts"] = *run.prompts;
+  if (run.prompt_tokens) entry["prompt_tokens"] = *run.prompt_tokens;
+  if (run.generated_tokens) entry["generated_tokens"] = *run.generated_tokens;
+  if (run.tokens_per_s) entry["tokens_per_s"] = *run.tokens_per_s;
+  if (run.routing_log) entry["routing_log"] = *run.routing_log;
+  all[label] = entry;
+  const std::filesystem::path tmp = path.string() + ".tmp";
+  write_text_file(tmp, all.dump(2) + "\n");
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) fail("{}: cannot replace the timing file: {}", path.string(), ec.message());
+}
+
 std::optional<Overhead> logging_overhead(const TimingFile& timing, std::vector<std::string>& notes) {
   if (!timing.no_log || !timing.log) {
     const char* missing = !timing.no_log && !timing.log ? "\"no_log\" and \"log\"" : !timing.no_log ? "\"no_log\"" : "\"log\"";

@@ -33,6 +33,11 @@ struct TimingFile {
 // ignored. Throws Error naming the file and the field.
 TimingFile read_timing_file(const std::filesystem::path& path);
 
+// Sets timing.json's entry `label` to `run` (every field present), keeping the other labels; creates the
+// file when it does not exist. Throws Error naming the file when it is not a JSON object or cannot be
+// written. The file is replaced whole (written beside it, then renamed): never half-written.
+void merge_timing_entry(const std::filesystem::path& path, const std::string& label, const TimingRun& run);
+
 struct Overhead {
   double no_log_seconds = 0.0;
   double log_seconds = 0.0;
