@@ -1,5 +1,6 @@
-// moescope bench [MODEL] [--device cpu]: prefill and decode throughput beside the machine's memory
-// bandwidth floor, with the spread over repeats and a checksum of the generated ids.
+// moescope bench [MODEL] [--device cpu|cuda]: prefill and decode throughput beside the device's memory
+// bandwidth floor (measured in the same run), with the spread over repeats and a checksum of the
+// generated ids.
 #include <fmt/chrono.h>
 #include <fmt/format.h>
 #include <omp.h>
@@ -7,12 +8,10 @@
 
 #include <algorithm>
 #include <chrono>
-#include <fstream>
 #include <random>
 #include <set>
 
-#include "backend/cpu/bandwidth.h"
-#include "backend/cpu/cpu_backend.h"
+#include "backend/factory.h"
 #include "cli/commands.h"
 #include "cli/device.h"
 #include "engine/sampler.h"
@@ -27,10 +26,12 @@ struct BenchArgs {
   std::string model;
   std::vector<std::string> presets;
   int prompt_tokens = 128;
+  int prefill_tokens = 0;  // 0: prompt_tokens
   int decode_tokens = 32;
   std::vector<int> batch_sizes = {1, 4, 16};
   int repeats = 5;
   std::string device = "auto";
+  BackendOptions backend_options;
   std::string json_out;
   std::string command_line;
 };
@@ -41,14 +42,6 @@ struct Spread {
 Spread spread(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return {v[v.size() / 2], v.front(), v.back()};
-}
-
-std::string cpu_model_name() {
-  std::ifstream in("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
-  return "unknown CPU";
 }
 
 // Counts, per pass, the bytes of routed-expert weights read: distinct experts per MoE layer.
@@ -71,22 +64,30 @@ uint64_t fnv1a(const std::vector<int32_t>& ids, uint64_t h = 0xcbf29ce484222325u
   return h;
 }
 
-Json bench_model(const std::filesystem::path& dir, const std::string& label, const BenchArgs& a, double bandwidth_gb_s) {
+Json bench_model(const std::filesystem::path& dir, const std::string& label, const BenchArgs& a, const std::string& device,
+                 double bandwidth_gb_s) {
   auto weights = std::make_shared<const ModelWeights>(ModelWeights::load(dir));
   const ModelConfig& c = weights->config;
-  const size_t dsize = dtype_size(weights->embed_tokens.dtype);
+  // Bytes per weight as the device holds them: the file's dtype on the CPU, bf16 on the GPU.
+  const size_t dsize = device == "cuda" ? 2 : dtype_size(weights->embed_tokens.dtype);
   const size_t expert_bytes = 3 * static_cast<size_t>(c.moe_intermediate_size) * c.hidden_size * dsize;
-  size_t routed_total = 0;
+  int64_t total_elements = 0, routed_elements = 0;
+  for (const auto& [name, t] : weights->store.tensors()) total_elements += t.numel();
   for (const auto& l : weights->layers)
-    for (const auto& e : l.experts) routed_total += e.gate_proj.nbytes() + e.up_proj.nbytes() + e.down_proj.nbytes();
+    for (const auto& e : l.experts) routed_elements += e.gate_proj.numel() + e.up_proj.numel() + e.down_proj.numel();
   const bool tied = weights->lm_head.data == weights->embed_tokens.data;
   // Read by every decode step whatever the routing: all but the routed experts and the embedding table
   // (of which only the batch's rows are read, unless it doubles as the LM head).
-  const size_t dense_bytes = weights->total_bytes() - routed_total - (tied ? 0 : weights->embed_tokens.nbytes());
+  const size_t dense_bytes = static_cast<size_t>(total_elements - routed_elements - (tied ? 0 : weights->embed_tokens.numel())) * dsize;
+  const auto load_started = std::chrono::steady_clock::now();
+  const std::unique_ptr<Backend> backend = make_backend(device, weights, a.backend_options);
+  const double load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - load_started).count();
 
   fmt::print("\n== {} ({}: {} layers, hidden {}, {} experts top-{}, {:.1f} MB of weights) ==\n", label, c.architecture,
              c.num_hidden_layers, c.hidden_size, c.num_experts, c.num_experts_per_tok, weights->total_bytes() / 1e6);
-  Json result = {{"model", label}, {"architecture", c.architecture}, {"weight_bytes", weights->total_bytes()}};
+  fmt::print("backend ready in {:.1f} s (weights {}on the device)\n", load_seconds, device == "cuda" ? "uploaded as bf16 " : "mapped ");
+  Json result = {{"model", label}, {"architecture", c.architecture}, {"weight_bytes", weights->total_bytes()},
+                 {"device", device}, {"load_seconds", load_seconds}};
 
   std::mt19937 rng(1234);
   std::uniform_int_distribution<int32_t> token(0, c.vocab_size - 1);
@@ -96,23 +97,27 @@ Json bench_model(const std::filesystem::path& dir, const std::string& label, con
     return p;
   };
 
-  // Prefill: one sequence of prompt_tokens.
+  // Prefill: one sequence of prefill_tokens (a first, untimed run warms the device up).
   {
-    const auto prompt = random_prompt();
+    const int prefill_tokens = a.prefill_tokens > 0 ? a.prefill_tokens : a.prompt_tokens;
+    std::vector<int32_t> prompt(prefill_tokens);
+    for (auto& t : prompt) t = token(rng);
     std::vector<double> rates;
-    for (int r = 0; r < a.repeats; ++r) {
-      cpu::CpuBackend backend(weights);
+    for (int r = 0; r < a.repeats + 1; ++r) {
       Batch batch;
-      batch.sequences.push_back({backend.create_cache(), 0, prompt, "p"});
+      const int cache = backend->create_cache();
+      batch.sequences.push_back({cache, 0, prompt, "p"});
       std::vector<float> logits;
       const auto t0 = std::chrono::steady_clock::now();
-      backend.forward(batch, nullptr, logits);
-      rates.push_back(a.prompt_tokens / std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+      backend->forward(batch, nullptr, logits);
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      backend->free_cache(cache);
+      if (r > 0) rates.push_back(prefill_tokens / seconds);
     }
     const Spread s = spread(rates);
-    fmt::print("prefill 1x{:<5}  {:10.1f} tok/s  (min {:.1f}, max {:.1f} over {} runs)\n", a.prompt_tokens, s.median, s.min,
+    fmt::print("prefill 1x{:<5}  {:10.1f} tok/s  (min {:.1f}, max {:.1f} over {} runs)\n", prefill_tokens, s.median, s.min,
                s.max, a.repeats);
-    result["prefill"] = {{"tokens", a.prompt_tokens}, {"tokens_per_s_median", s.median}, {"min", s.min}, {"max", s.max}};
+    result["prefill"] = {{"tokens", prefill_tokens}, {"tokens_per_s_median", s.median}, {"min", s.min}, {"max", s.max}};
   }
 
   // Decode: batch_size sequences, each after a prompt of prompt_tokens, decode_tokens greedy steps.
@@ -128,15 +133,14 @@ Json bench_model(const std::filesystem::path& dir, const std::string& label, con
     double bytes_per_step = 0.0;
     bool deterministic = true;
     for (int r = 0; r < a.repeats; ++r) {
-      cpu::CpuBackend backend(weights);
       Batch prefill;
       std::vector<int> caches;
       for (int b = 0; b < batch_size; ++b) {
-        caches.push_back(backend.create_cache());
+        caches.push_back(backend->create_cache());
         prefill.sequences.push_back({caches.back(), 0, prompts[b], fmt::format("s{}", b)});
       }
       std::vector<float> logits;
-      backend.forward(prefill, nullptr, logits);
+      backend->forward(prefill, nullptr, logits);
       std::vector<int32_t> next(batch_size), ids;
       ExpertBytesSink sink(expert_bytes);
       double seconds = 0.0;
@@ -149,9 +153,10 @@ Json bench_model(const std::filesystem::path& dir, const std::string& label, con
         for (int b = 0; b < batch_size; ++b)
           batch.sequences.push_back({caches[b], a.prompt_tokens + step, std::span<const int32_t>(&next[b], 1), fmt::format("s{}", b)});
         const auto t0 = std::chrono::steady_clock::now();
-        backend.forward(batch, &sink, logits);
+        backend->forward(batch, &sink, logits);
         seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       }
+      for (int cache : caches) backend->free_cache(cache);
       rates.push_back(static_cast<double>(batch_size) * a.decode_tokens / seconds);
       bytes_per_step = static_cast<double>(dense_bytes + static_cast<size_t>(batch_size) * c.hidden_size * dsize) +
                        static_cast<double>(sink.bytes) / a.decode_tokens;
@@ -175,8 +180,9 @@ Json bench_model(const std::filesystem::path& dir, const std::string& label, con
 }
 
 void run_bench(const BenchArgs& a) {
-  if (a.device == "cuda") fail("bench --device cuda: this build has no CUDA backend; use --device cpu");
-  if (a.repeats < 1 || a.prompt_tokens < 1 || a.decode_tokens < 1) fail("bench: --repeats, --prompt-tokens and --decode-tokens must be positive");
+  const std::string device = resolve_device(a.device);
+  if (a.repeats < 1 || a.prompt_tokens < 1 || a.decode_tokens < 1 || a.prefill_tokens < 0)
+    fail("bench: --repeats, --prompt-tokens, --prefill-tokens and --decode-tokens must be positive");
   for (int b : a.batch_sizes)
     if (b < 1) fail("bench: batch sizes must be positive");
 
@@ -184,22 +190,32 @@ void run_bench(const BenchArgs& a) {
   ::gethostname(host, sizeof host - 1);
   fmt::print("moescope bench  {:%Y-%m-%d %H:%M:%S}\n", fmt::localtime(std::time(nullptr)));
   fmt::print("command: {}\n", a.command_line);
-  fmt::print("machine: {}, {} OpenMP threads, device cpu\n", cpu_model_name(), omp_get_max_threads());
-  const auto bw = cpu::measure_read_bandwidth();
-  fmt::print("memory read bandwidth: {:.2f} GB/s best, {:.2f} median, {:.2f} min ({} runs over {:.0f} MB); the floor uses the best\n",
-             bw.best_gb_per_s, bw.median_gb_per_s, bw.min_gb_per_s, bw.repeats, bw.bytes / 1e6);
-  Json report = {{"command", a.command_line}, {"cpu", cpu_model_name()}, {"threads", omp_get_max_threads()},
-                 {"bandwidth_gb_per_s", {{"best", bw.best_gb_per_s}, {"median", bw.median_gb_per_s}, {"min", bw.min_gb_per_s}}},
+  const std::string cpu = describe_device("cpu");
+  const std::string gpu = device == "cuda" ? describe_device("cuda") : "";
+  fmt::print("machine: {}, {} OpenMP threads, device {}{}\n", cpu, omp_get_max_threads(), device,
+             gpu.empty() ? "" : ": " + gpu);
+  const DeviceBandwidth bw = measure_device_bandwidth(device);
+  fmt::print("memory read bandwidth: {:.2f} GB/s best, {:.2f} median, {:.2f} min ({} runs over {:.0f} MB, {}); the floor uses the best\n",
+             bw.best_gb_per_s, bw.median_gb_per_s, bw.min_gb_per_s, bw.repeats, bw.bytes / 1e6, bw.method);
+  if (bw.copy_best_gb_per_s > 0)
+    fmt::print("device-to-device copy kernel: {:.2f} GB/s best (bytes read + written), for comparison\n", bw.copy_best_gb_per_s);
+  Json report = {{"command", a.command_line}, {"cpu", cpu}, {"threads", omp_get_max_threads()}, {"device", device},
+                 {"gpu", gpu},
+                 {"bandwidth_gb_per_s", {{"best", bw.best_gb_per_s}, {"median", bw.median_gb_per_s}, {"min", bw.min_gb_per_s},
+                                         {"method", bw.method}, {"copy_best", bw.copy_best_gb_per_s}}},
                  {"models", Json::array()}};
 
   if (!a.model.empty()) {
-    report["models"].push_back(bench_model(a.model, a.model, a, bw.best_gb_per_s));
+    report["models"].push_back(bench_model(a.model, a.model, a, device, bw.best_gb_per_s));
   } else {
     for (const std::string& preset : a.presets.empty() ? std::vector<std::string>{"tiny", "small"} : a.presets) {
       const auto dir = std::filesystem::temp_directory_path() / fmt::format("moescope-bench-{}-{}", preset, ::getpid());
+      const auto written = std::chrono::steady_clock::now();
       write_random_checkpoint(dir, make_model_config("qwen2_moe", preset), 0);
+      fmt::print("\nwrote the {} checkpoint in {:.1f} s\n", preset,
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - written).count());
       try {
-        report["models"].push_back(bench_model(dir, "preset " + preset + " (qwen2_moe, seed 0)", a, bw.best_gb_per_s));
+        report["models"].push_back(bench_model(dir, "preset " + preset + " (qwen2_moe, seed 0)", a, device, bw.best_gb_per_s));
       } catch (...) {
         std::filesystem::remove_all(dir);
         throw;
@@ -218,12 +234,15 @@ void add_bench(CLI::App& app) {
   cmd->add_option("model", args->model, "Model directory (default: the tiny and small presets)");
   cmd->add_option("--preset", args->presets, "Benchmark these make-model presets (qwen2_moe) instead of a directory")
       ->check(CLI::IsMember({"tiny", "small", "qwen1.5-moe-a2.7b"}));
-  cmd->add_option("--prompt-tokens", args->prompt_tokens, "Prompt length")->capture_default_str();
+  cmd->add_option("--prompt-tokens", args->prompt_tokens, "Prompt length before the decode steps")->capture_default_str();
+  cmd->add_option("--prefill-tokens", args->prefill_tokens, "Prompt length of the prefill figure (0: --prompt-tokens)")
+      ->capture_default_str();
   cmd->add_option("--decode-tokens", args->decode_tokens, "Decode steps timed per run")->capture_default_str();
   cmd->add_option("--batch", args->batch_sizes, "Decode batch sizes")->delimiter(',')->capture_default_str();
   cmd->add_option("--repeats", args->repeats, "Runs per figure (median and spread are reported)")->capture_default_str();
   cmd->add_option("--json", args->json_out, "Also write the figures as JSON to this file");
   add_device_option(cmd, args->device);
+  add_gpu_options(cmd, args->backend_options);
   cmd->callback([args] {
     args->command_line = command_line;
     run_bench(*args);

@@ -6,7 +6,7 @@
 #include <iostream>
 
 #include "analysis/prompts_file.h"
-#include "backend/cpu/cpu_backend.h"
+#include "backend/factory.h"
 #include "cli/commands.h"
 #include "cli/device.h"
 #include "engine/engine.h"
@@ -31,6 +31,7 @@ struct GenerateArgs {
   bool json = false;
   bool ignore_eos = false;
   std::string device = "auto";
+  BackendOptions backend_options;
 };
 
 std::vector<int32_t> encode_prompt(const LoadedModel& m, const std::string& text, bool chat) {
@@ -46,7 +47,6 @@ void run_generate(const GenerateArgs& a) {
   if (!(a.temperature >= 0.0f) || !std::isfinite(a.temperature)) fail("generate: --temperature must be >= 0");
   if (!(a.top_p > 0.0f && a.top_p <= 1.0f)) fail("generate: --top-p must be in (0, 1]");
   if (a.top_k < -1) fail("generate: --top-k must be -1, 0 (off) or positive");
-  require_cpu_device(a.device);
 
   const LoadedModel m = load_model(a.model.empty() ? default_model_dir() : std::filesystem::path(a.model));
   std::vector<std::vector<int32_t>> prompts;
@@ -62,8 +62,8 @@ void run_generate(const GenerateArgs& a) {
     if (prompts.empty()) fail("{}: no prompts (one per line)", a.prompts_file);
   }
 
-  cpu::CpuBackend backend(m.weights);
-  Engine engine(backend, EngineOptions{256, m.eos_token_ids});
+  const std::unique_ptr<Backend> backend = make_backend(a.device, m.weights, a.backend_options);
+  Engine engine(*backend, EngineOptions{256, m.eos_token_ids});
   for (size_t i = 0; i < prompts.size(); ++i) {
     if (prompts[i].empty()) fail("generate: prompt {} encodes to no tokens", i);
     Request r;
@@ -105,7 +105,7 @@ void run_generate(const GenerateArgs& a) {
 
 void add_generate(CLI::App& app) {
   auto args = std::make_shared<GenerateArgs>();
-  CLI::App* cmd = app.add_subcommand("generate", "Generate text (or ids) from a prompt on the CPU");
+  CLI::App* cmd = app.add_subcommand("generate", "Generate text (or ids) from a prompt on the CPU or a GPU");
   cmd->add_option("model", args->model,
                   "Model directory in Hugging Face layout (default: models/moescope-tiny-gsm8k, shipped with moescope)");
   cmd->add_option("--prompt", args->prompt, "Prompt text");
@@ -120,6 +120,7 @@ void add_generate(CLI::App& app) {
   cmd->add_flag("--json", args->json, "Print {prompt_ids, output_ids, text, timing} per prompt");
   cmd->add_flag("--ignore-eos", args->ignore_eos, "Keep generating past end-of-sequence tokens");
   add_device_option(cmd, args->device);
+  add_gpu_options(cmd, args->backend_options);
   cmd->callback([args] { run_generate(*args); });
 }
 

@@ -1,21 +1,35 @@
 #pragma once
-// --device cpu|cuda|auto, shared by every command that runs a model.
+// --device cpu|cuda|auto and the GPU options, shared by every command that runs a model. The backend
+// itself comes from make_backend (src/backend/factory.h), so every command chooses it the same way.
 #include <CLI/CLI.hpp>
 #include <string>
 
+#include "backend/factory.h"
 #include "util/error.h"
 
 namespace moescope::cli {
 
 inline void add_device_option(CLI::App* cmd, std::string& device) {
-  cmd->add_option("--device", device, "cpu or cuda (auto: cuda when a GPU is present)")
+  cmd->add_option("--device", device, "cpu or cuda (auto: cuda when this build has CUDA and a GPU is present)")
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}))
       ->capture_default_str();
 }
 
-// This build runs on the CPU only; the CUDA backend is a later module.
+// vLLM's names: --gpu-memory-utilization, --block-size, --enforce-eager.
+inline void add_gpu_options(CLI::App* cmd, BackendOptions& options) {
+  cmd->add_option("--gpu-memory-utilization", options.gpu_memory_utilization,
+                  "Share of the GPU's memory for weights, KV cache and workspace")
+      ->check(CLI::Range(0.05, 1.0))
+      ->capture_default_str();
+  cmd->add_option("--block-size", options.block_size, "KV cache block size in tokens (GPU)")
+      ->check(CLI::Range(1, 1024))
+      ->capture_default_str();
+  cmd->add_flag("--enforce-eager", options.enforce_eager, "No CUDA graphs: launch every kernel of a decode pass");
+}
+
+// For commands that run on the CPU only so far: an explicit --device cuda is an error, auto means cpu.
 inline void require_cpu_device(const std::string& device) {
-  if (device == "cuda") fail("--device cuda: this build has no CUDA backend; use --device cpu");
+  if (device == "cuda") fail("--device cuda: this command runs on the CPU only so far; use --device cpu");
 }
 
 }  // namespace moescope::cli

@@ -1,0 +1,29 @@
+#pragma once
+// cuBLAS for the dense products of large passes (q/k/v, o, shared expert, dense MLP, LM head):
+// bf16 operands on the tensor cores, f32 accumulation and f32 output.
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include "backend/cuda/device_memory.h"
+#include "backend/cuda/kernels.h"
+
+namespace moescope::cuda {
+
+class Blas {
+ public:
+  Blas();
+  ~Blas();
+  Blas(const Blas&) = delete;
+  Blas& operator=(const Blas&) = delete;
+
+  void set_stream(cudaStream_t stream);
+  // y[t, n] = x[t] . w[n] + beta * y[t, n].  x: [num_tokens, k] bf16; w: [n, k] bf16 (PyTorch's
+  // [out_features, in_features]); y: [num_tokens, ldy] f32. beta = 1 adds into y (the residual).
+  void gemm(float* y, int ldy, const bf16* x, const bf16* w, int num_tokens, int n, int k, float beta);
+
+ private:
+  cublasHandle_t handle_ = nullptr;
+  DeviceBuffer<char> workspace_;  // cuBLAS's own workspace, so that products captured in a graph allocate nothing
+};
+
+}  // namespace moescope::cuda

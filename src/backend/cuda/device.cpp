@@ -1,0 +1,33 @@
+#include "backend/cuda/device.h"
+
+#include <fmt/format.h>
+
+#include "backend/cuda/cuda_check.h"
+
+namespace moescope::cuda {
+
+bool device_available(std::string* why) {
+  int count = 0;
+  const cudaError_t error = cudaGetDeviceCount(&count);
+  if (error != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free error so later calls start clean
+    if (why != nullptr) *why = fmt::format("{}: {}", cudaGetErrorName(error), cudaGetErrorString(error));
+    return false;
+  }
+  if (count == 0) {
+    if (why != nullptr) *why = "the CUDA runtime reports no devices";
+    return false;
+  }
+  return true;
+}
+
+std::string device_description() {
+  int device = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  cudaDeviceProp prop{};
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  return fmt::format("{} (sm_{}{}, {} SMs, {:.1f} GiB)", prop.name, prop.major, prop.minor, prop.multiProcessorCount,
+                     static_cast<double>(prop.totalGlobalMem) / (1 << 30));
+}
+
+}  // namespace moescope::cuda

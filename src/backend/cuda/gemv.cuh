@@ -1,0 +1,61 @@
+#pragma once
+// The small-batch building block: one warp dots ROWS bf16 weight rows with up to MAXT f32 token
+// vectors, reading each weight row once, 16 bytes per lane per load, 8 loads in flight per lane.
+#include "backend/cuda/common.cuh"
+
+namespace moescope::cuda {
+
+// acc[t][r] = w[r] . x[t] over k elements, summed over the warp (every lane gets the sums).
+// w[r]: a row of k bf16 (16-byte aligned, k % 8 == 0); x[t]: k f32 (32-byte aligned); n <= MAXT tokens.
+template <int ROWS, int MAXT>
+__device__ __forceinline__ void warp_dot_rows(float (&acc)[MAXT][ROWS], const bf16* const (&w)[ROWS],
+                                              const float* const (&x)[MAXT], int n, int k) {
+  constexpr int U = 8 / ROWS;  // vectors per row per lane per step: 8 loads of 16 bytes in flight
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int t = 0; t < MAXT; ++t)
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) acc[t][r] = 0.0f;
+  const int num_vec = k >> 3;
+  for (int base = 0; base < num_vec; base += 32 * U) {
+    uint4 wv[U][ROWS];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int v = base + u * 32 + lane;
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) wv[u][r] = v < num_vec ? load_stream(w[r] + v * 8) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int v = base + u * 32 + lane;
+      if (v < num_vec) {
+#pragma unroll
+        for (int t = 0; t < MAXT; ++t) {
+          if (t < n) {
+            const float4* xv = reinterpret_cast<const float4*>(x[t] + v * 8);
+            const float4 a = __ldg(xv), b = __ldg(xv + 1);
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) acc[t][r] = dot8(wv[u][r], a, b, acc[t][r]);
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < MAXT; ++t)
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+      if (t < n) acc[t][r] = warp_sum(acc[t][r]);
+}
+
+// Calls f.template operator()<MAXT>() with the smallest MAXT in {1, 2, 4, 8} that holds n tokens, so a
+// single-token decode keeps few registers.
+template <typename F>
+void dispatch_max_tokens(int n, F&& f) {
+  if (n <= 1) f.template operator()<1>();
+  else if (n <= 2) f.template operator()<2>();
+  else if (n <= 4) f.template operator()<4>();
+  else f.template operator()<8>();
+}
+
+}  // namespace moescope::cuda

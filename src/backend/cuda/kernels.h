@@ -1,0 +1,182 @@
+#pragma once
+// The CUDA backend's kernels, as host functions that launch them on a stream. Every pointer is device
+// memory unless its comment says otherwise. Activations are f32; weights and the KV cache are bf16
+// (raw bits in uint16_t, so that this header needs no CUDA types beyond the runtime API); every kernel
+// accumulates in f32. Each kernel has a CPU counterpart it is tested against (tests/cuda_kernels_test.cpp).
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace moescope::cuda {
+
+using bf16 = uint16_t;  // bfloat16 bits on the device
+
+// --- Embedding and RMSNorm (norm.cu) ---------------------------------------------------------------
+
+// x[t] = table[token_ids[t]] widened to f32.  x: [num_tokens, hidden], table: [vocab, hidden].
+void embed(float* x, const bf16* table, const int32_t* token_ids, int num_tokens, int hidden, cudaStream_t stream);
+
+// The feed-forward output of the previous block, not yet added into the residual stream: RMSNorm adds
+// it first (x += sum over slots), so the add costs no launch of its own.
+struct FfnFold {
+  const float* ffn_out = nullptr;          // [num_tokens, num_slots, hidden], or nullptr: nothing to add
+  int num_slots = 0;
+  const float* last_slot_scale = nullptr;  // [num_tokens] multiplies slot num_slots - 1 (shared-expert gate)
+};
+
+// For each row r (rows[r], or r when rows is nullptr): x[row] += fold (written back), then
+// out[r] = x[row] / sqrt(mean(x[row]^2) + eps) * weight, as HF's RMSNorm in f32.
+// x: [num_tokens, hidden]; out: [num_rows, hidden] f32; out_bf16: [num_rows, hidden] or nullptr; weight: [hidden].
+void rms_norm(float* out, bf16* out_bf16, float* x, const int32_t* rows, int num_rows, int hidden, const float* weight,
+              float eps, const FfnFold& fold, cudaStream_t stream);
+
+// out[t, i] = silu(gate_up[t, i]) * gate_up[t, inter + i], rounded to bf16.
+// gate_up: [num_tokens, 2 * inter] f32 (gate columns, then up columns); out: [num_tokens, inter].
+void swiglu_bf16(bf16* out, const float* gate_up, int num_tokens, int inter, cudaStream_t stream);
+
+// --- Skinny matrix products for small passes (gemv.cu) ---------------------------------------------
+
+// Passes of at most this many tokens take the small-batch path: f32 activations, each weight row read
+// once for all tokens, many warps over the rows so the weights stream at full bandwidth.
+constexpr int k_small_batch_max_tokens = 8;
+
+// y[t, n] = x[t] . w[n]  (y[t, n] += ... when accumulate).  num_tokens <= k_small_batch_max_tokens.
+// x: [num_tokens, k] f32, w: [n, k] bf16 (k % 8 == 0), y: [num_tokens, ldy] f32.
+void gemv(float* y, int ldy, const float* x, const bf16* w, int num_tokens, int n, int k, bool accumulate,
+          cudaStream_t stream);
+
+// --- q/k/v: bias, q/k norm, clip, RoPE and the KV-cache write in one kernel (qkv.cu) ---------------
+
+// Where q/k RMSNorm applies (ModelConfig's QkNorm; kept apart so that the .cu files need no model headers).
+enum class QkNormKind { None, PerHead, Full };
+
+struct QkvParams {
+  int num_heads = 0, num_kv_heads = 0, head_dim = 0;
+  const float* bias = nullptr;           // [q_size + 2 * kv_size] or nullptr
+  QkNormKind qk_norm = QkNormKind::None;
+  const float* q_norm = nullptr;         // [head_dim] (PerHead) or [q_size] (Full)
+  const float* k_norm = nullptr;         // [head_dim] (PerHead) or [kv_size] (Full)
+  float eps = 1e-6f;
+  float clip = 0.0f;                     // clamp q/k/v to [-clip, clip] when > 0 (OLMoE)
+  const float* rope_inv_freq = nullptr;  // [head_dim / 2]
+};
+
+// qkv: [num_tokens, q_size + 2 * kv_size] f32 (the fused projection); q: [num_tokens, q_size] f32 out;
+// k_cache, v_cache: [num_cache_rows, kv_size] bf16, row slots[t] receives token t's k and v;
+// token_pos: [num_tokens] RoPE positions.
+void qkv_rope_cache(float* q, bf16* k_cache, bf16* v_cache, const float* qkv, const int32_t* token_pos,
+                    const int32_t* slots, int num_tokens, const QkvParams& p, cudaStream_t stream);
+
+// --- Attention over the paged KV cache (attention.cu) ----------------------------------------------
+
+// Rows of one sequence computed together by the prefill kernel: {sequence, first token row, rows,
+// position of the first row}.
+struct PrefillTile {
+  int32_t seq, row, num_rows, pos;
+};
+constexpr int k_prefill_tile_rows = 64;
+
+struct AttentionBatch {
+  const int32_t* block_tables = nullptr;  // [num_seqs, max_blocks] cache block ids
+  int max_blocks = 0;
+  int block_size = 0;
+  const PrefillTile* prefill_tiles = nullptr;  // [num_prefill_tiles]
+  int num_prefill_tiles = 0;
+  const int32_t* decode_rows = nullptr;   // [num_decode] rows of sequences with one new token
+  int num_decode = 0;
+  const int32_t* token_seq = nullptr;     // [num_tokens]
+  const int32_t* token_pos = nullptr;     // [num_tokens]
+};
+
+// Causal GQA attention of every new token over its sequence's cached positions 0..pos (the new
+// tokens' k/v already written). q, out: [num_tokens, num_heads * head_dim] f32; out_bf16: same or
+// nullptr; k_cache, v_cache: [num_blocks * block_size, num_kv_heads * head_dim] bf16. head_dim <= 256.
+void attention(float* out, bf16* out_bf16, const float* q, const bf16* k_cache, const bf16* v_cache,
+               const AttentionBatch& batch, int num_heads, int num_kv_heads, int head_dim, cudaStream_t stream);
+
+// --- Router and expert grouping (router.cu) --------------------------------------------------------
+
+// Per token: logits = w . x[t] in f32, softmax over the experts in f32, top-k in torch.topk order (larger
+// first, lower id on ties), renormalised when norm_topk_prob; with a shared-expert gate row after the
+// experts, also shared_gate[t] = sigmoid(w[num_experts] . x[t]).
+// x: [num_tokens, hidden] f32; w: [num_experts (+1), hidden] bf16; topk_ids, topk_weights: [num_tokens, top_k];
+// shared_gate: [num_tokens] or nullptr (no gate row).
+struct ExpertGroups;
+// With groups given and a single token (a batch-1 decode), the same kernel also groups its pairs by
+// expert (what align_by_expert does) and the function returns true: one launch fewer per MoE layer.
+bool router_topk(int32_t* topk_ids, float* topk_weights, float* shared_gate, const float* x, const bf16* w,
+                 int num_tokens, int hidden, int num_experts, int top_k, bool norm_topk_prob, cudaStream_t stream,
+                 const ExpertGroups* groups = nullptr);
+
+// Token-expert pairs (pair p = t * top_k + j) grouped by expert, written by align_by_expert.
+struct ExpertGroups {
+  int32_t* sorted_pairs = nullptr;    // [num_pairs] grouped by expert id, pair order kept within an expert
+  int32_t* expert_offsets = nullptr;  // [num_experts + 1] expert e owns sorted_pairs[offsets[e], offsets[e+1])
+  int32_t* active_experts = nullptr;  // [num_experts] experts with at least one pair, ascending
+  int32_t* num_active = nullptr;      // [1]
+  int32_t* tile_expert = nullptr;     // [max_expert_tiles] the grouped GEMM's row tiles: expert ...
+  int32_t* tile_row = nullptr;        // [max_expert_tiles] ... and first sorted row
+  int32_t* num_tiles = nullptr;       // [1]
+};
+constexpr int k_expert_tile_rows = 64;
+// Upper bound on the grouped GEMM's row tiles (the host sizes grids with it; unused tiles exit).
+inline int max_expert_tiles(int num_pairs, int num_experts) {
+  return num_pairs / k_expert_tile_rows + (num_pairs < num_experts ? num_pairs : num_experts);
+}
+// Ints of device memory an ExpertGroups needs (carve_expert_groups lays them out).
+int64_t expert_groups_ints(int num_pairs, int num_experts);
+ExpertGroups carve_expert_groups(int32_t* memory, int num_pairs, int num_experts);
+
+void align_by_expert(const ExpertGroups& groups, const int32_t* topk_ids, int num_pairs, int num_experts,
+                     cudaStream_t stream);
+
+// --- Experts (experts.cu) --------------------------------------------------------------------------
+
+// One MoE (or dense MLP) block's weights on the device. Routed experts are stacked; gate and up rows
+// are concatenated per expert. The dense group is the shared expert of a MoE layer or the MLP of a
+// dense layer: every token goes through it.
+struct ExpertWeights {
+  const bf16* gate_up = nullptr;        // [num_experts, 2 * inter, hidden]
+  const bf16* down = nullptr;           // [num_experts, hidden, inter]
+  int inter = 0;
+  const bf16* dense_gate_up = nullptr;  // [2 * dense_inter, hidden] or nullptr
+  const bf16* dense_down = nullptr;     // [hidden, dense_inter]
+  int dense_inter = 0;
+};
+
+// Small passes. Gate/up of every active expert (and of the dense group) with SwiGLU fused; each
+// expert's rows are read once for all of its tokens.
+// x: [num_tokens, hidden] f32; h: [num_tokens * top_k + num_tokens, ld_h] f32 out: row p for routed
+// pair p, row num_tokens * top_k + t for token t in the dense group.
+void experts_gate_up_small(float* h, int ld_h, const float* x, const ExpertWeights& w, const ExpertGroups& groups,
+                           int num_tokens, int hidden, int num_experts, int top_k, cudaStream_t stream);
+// Down projections with the routing weight and un-permute fused: ffn_out[t, j] = topk_weights[t, j] *
+// down_e(h[pair]) for routed pair (t, j); ffn_out[t, num_slots - 1] = dense_down(h[dense row t]).
+// ffn_out: [num_tokens, num_slots, hidden]; topk_weights: [num_tokens, top_k].
+void experts_down_small(float* ffn_out, int num_slots, const float* h, int ld_h, const float* topk_weights,
+                        const ExpertWeights& w, const ExpertGroups& groups, int num_tokens, int hidden,
+                        int num_experts, int top_k, cudaStream_t stream);
+
+// Large passes: grouped GEMMs on the tensor cores over the expert-sorted pairs.
+// Gate/up with SwiGLU fused: hb[s] = silu(g) * u for sorted row s (its token's xb row gathered).
+// xb: [num_tokens, hidden] bf16; hb: [num_tokens * top_k, inter] bf16.
+void experts_gate_up_grouped(bf16* hb, const bf16* xb, const ExpertWeights& w, const ExpertGroups& groups,
+                             int num_tokens, int hidden, int num_experts, int top_k, cudaStream_t stream);
+// Down with the routing weight and un-permute fused: ffn_out[t, j] = topk_weights[t, j] * (hb[s] . down_e).
+void experts_down_grouped(float* ffn_out, int num_slots, const bf16* hb, const float* topk_weights,
+                          const ExpertWeights& w, const ExpertGroups& groups, int num_tokens, int hidden,
+                          int num_experts, int top_k, cudaStream_t stream);
+
+// --- Device bandwidth (bandwidth.cu) ---------------------------------------------------------------
+
+struct BandwidthSample {
+  double best_gb_per_s = 0.0, median_gb_per_s = 0.0, min_gb_per_s = 0.0;
+  size_t bytes = 0;  // bytes moved per run (read, or read + written for a copy)
+  int repeats = 0;
+};
+// Streams a buffer of `bytes` through a reading kernel (the way decode reads weights), timed with events.
+BandwidthSample measure_read_bandwidth(size_t bytes = size_t{4} << 30, int repeats = 10);
+// Device-to-device copy kernel of `bytes`, counting bytes read plus bytes written.
+BandwidthSample measure_copy_bandwidth(size_t bytes = size_t{2} << 30, int repeats = 10);
+
+}  // namespace moescope::cuda

@@ -1,0 +1,111 @@
+// Embedding lookup, RMSNorm (with the previous block's feed-forward output folded into the residual
+// first) and the SwiGLU activation of the large-batch dense MLPs.
+#include "backend/cuda/common.cuh"
+
+namespace moescope::cuda {
+namespace {
+
+// One block per token.  x: [T, hidden] f32, table: [vocab, hidden] bf16, token_ids: [T].
+__global__ void embed_kernel(float* x, const bf16* table, const int32_t* token_ids, int hidden) {
+  const int t = blockIdx.x;
+  const bf16* row = table + static_cast<int64_t>(token_ids[t]) * hidden;
+  float* out = x + static_cast<int64_t>(t) * hidden;
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[i] = bf16_to_float(row[i]);
+}
+
+constexpr int k_norm_per_thread = 8;  // hidden <= 8 * 1024
+
+// One block per row; each thread keeps its (at most 8) elements in registers, so every load of a row
+// is in flight at once (a decode's norm is one block: latency, not bandwidth, is what it costs).
+// x: [T, hidden] residual (fold added in place); out: [num_rows, hidden]; out_bf16: [num_rows, hidden]
+// or null; rows: [num_rows] or null; weight: [hidden].
+__global__ void __launch_bounds__(1024) rms_norm_kernel(float* out, bf16* out_bf16, float* x, const int32_t* rows, int hidden,
+                                const float* weight, float eps, FfnFold fold) {
+  __shared__ float scratch[32];
+  const int r = blockIdx.x, tid = threadIdx.x, threads = blockDim.x;
+  const int t = rows != nullptr ? rows[r] : r;
+  float* xt = x + static_cast<int64_t>(t) * hidden;
+  float v[k_norm_per_thread];
+#pragma unroll
+  for (int j = 0; j < k_norm_per_thread; ++j) {
+    const int i = tid + j * threads;
+    v[j] = i < hidden ? xt[i] : 0.0f;
+  }
+  if (fold.ffn_out != nullptr) {
+    // As the CPU: the block's output (routed experts, then the gated shared expert) summed first,
+    // then added to the residual.
+    const float* f = fold.ffn_out + static_cast<int64_t>(t) * fold.num_slots * hidden;
+    float block_out[k_norm_per_thread] = {};
+#pragma unroll 2
+    for (int s = 0; s < fold.num_slots; ++s) {
+      const bool gated = s == fold.num_slots - 1 && fold.last_slot_scale != nullptr;
+      const float scale = gated ? fold.last_slot_scale[t] : 1.0f;  // * 1.0f is exact
+#pragma unroll
+      for (int j = 0; j < k_norm_per_thread; ++j) {
+        const int i = tid + j * threads;
+        if (i < hidden) block_out[j] += scale * f[static_cast<int64_t>(s) * hidden + i];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < k_norm_per_thread; ++j) {
+      const int i = tid + j * threads;
+      if (i < hidden) {
+        v[j] += block_out[j];
+        xt[i] = v[j];
+      }
+    }
+  }
+  float sum_sq = 0.0f;
+#pragma unroll
+  for (int j = 0; j < k_norm_per_thread; ++j) sum_sq += v[j] * v[j];
+  sum_sq = block_sum(sum_sq, scratch);
+  // HF: hidden * torch.rsqrt(variance + eps), then weight * hidden.
+  const float inv = 1.0f / sqrtf(sum_sq / static_cast<float>(hidden) + eps);
+  float* o = out + static_cast<int64_t>(r) * hidden;
+#pragma unroll
+  for (int j = 0; j < k_norm_per_thread; ++j) {
+    const int i = tid + j * threads;
+    if (i >= hidden) continue;
+    const float y = weight[i] * (v[j] * inv);
+    o[i] = y;
+    if (out_bf16 != nullptr) out_bf16[static_cast<int64_t>(r) * hidden + i] = float_to_bf16(y);
+  }
+}
+
+// gate_up: [T, 2 * inter] f32; out: [T, inter] bf16.
+__global__ void swiglu_bf16_kernel(bf16* out, const float* gate_up, int64_t total, int inter) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = i / inter, c = i % inter;
+    const float g = gate_up[t * 2 * inter + c], u = gate_up[t * 2 * inter + inter + c];
+    out[i] = float_to_bf16(silu(g) * u);
+  }
+}
+
+}  // namespace
+
+void embed(float* x, const bf16* table, const int32_t* token_ids, int num_tokens, int hidden, cudaStream_t stream) {
+  if (num_tokens == 0) return;
+  embed_kernel<<<num_tokens, 256, 0, stream>>>(x, table, token_ids, hidden);
+  CUDA_CHECK_LAUNCH();
+}
+
+void rms_norm(float* out, bf16* out_bf16, float* x, const int32_t* rows, int num_rows, int hidden, const float* weight,
+              float eps, const FfnFold& fold, cudaStream_t stream) {
+  if (num_rows == 0) return;
+  if (hidden > k_norm_per_thread * 1024) argument_error("rms_norm", "hidden is larger than 8192");
+  // Two elements per thread where the row allows it: many threads, few loads each.
+  const int threads = std::clamp((hidden / 2 + 31) / 32 * 32, 32, 1024);
+  rms_norm_kernel<<<num_rows, threads, 0, stream>>>(out, out_bf16, x, rows, hidden, weight, eps, fold);
+  CUDA_CHECK_LAUNCH();
+}
+
+void swiglu_bf16(bf16* out, const float* gate_up, int num_tokens, int inter, cudaStream_t stream) {
+  const int64_t total = static_cast<int64_t>(num_tokens) * inter;
+  if (total == 0) return;
+  const int blocks = static_cast<int>(std::min<int64_t>((total + 255) / 256, 65536));
+  swiglu_bf16_kernel<<<blocks, 256, 0, stream>>>(out, gate_up, total, inter);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace moescope::cuda

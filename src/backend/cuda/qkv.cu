@@ -1,0 +1,150 @@
+// After the fused q/k/v projection, in one kernel: bias, q/k RMSNorm (per head or over the whole
+// projection), clip, RoPE, and the k/v write into the paged cache. The order is the CPU's
+// (src/backend/cpu/attention.cpp), which is HF's. One block per (token, head) where the norm, if any,
+// is per head, so that a decode spreads over many SMs; one block per token for the whole-projection
+// norm (OLMoE), which needs every head of the token.
+#include "backend/cuda/common.cuh"
+
+namespace moescope::cuda {
+namespace {
+
+constexpr int k_threads = 128;
+
+// One block per token. Dynamic shared memory: the token's row [q_size + 2 * kv_size] f32.
+// q: [T, q_size]; k_cache, v_cache: [cache rows, kv_size]; qkv: [T, q_size + 2 * kv_size];
+// token_pos, slots: [T].
+__global__ void __launch_bounds__(k_threads)
+    qkv_rope_cache_kernel(float* q, bf16* k_cache, bf16* v_cache, const float* qkv, const int32_t* token_pos,
+                          const int32_t* slots, QkvParams p) {
+  extern __shared__ float row[];
+  __shared__ float scratch[32];
+  const int t = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, num_warps = k_threads / 32;
+  const int hd = p.head_dim, q_size = p.num_heads * hd, kv_size = p.num_kv_heads * hd;
+  const int width = q_size + 2 * kv_size;
+  const float* src = qkv + static_cast<int64_t>(t) * width;
+  for (int i = tid; i < width; i += k_threads) row[i] = src[i] + (p.bias != nullptr ? p.bias[i] : 0.0f);
+  __syncthreads();
+
+  if (p.qk_norm == QkNormKind::Full) {  // OLMoE: RMSNorm over the whole q (then k) projection
+    for (int part = 0; part < 2; ++part) {
+      float* v = row + (part == 0 ? 0 : q_size);
+      const int n = part == 0 ? q_size : kv_size;
+      const float* weight = part == 0 ? p.q_norm : p.k_norm;
+      float sum_sq = 0.0f;
+      for (int i = tid; i < n; i += k_threads) sum_sq += v[i] * v[i];
+      sum_sq = block_sum(sum_sq, scratch);
+      const float inv = 1.0f / sqrtf(sum_sq / static_cast<float>(n) + p.eps);
+      for (int i = tid; i < n; i += k_threads) v[i] = weight[i] * (v[i] * inv);  // each thread its own elements
+    }
+    __syncthreads();
+  } else if (p.qk_norm == QkNormKind::PerHead) {  // Qwen3-MoE: each head over head_dim, one warp per head
+    for (int h = warp; h < p.num_heads + p.num_kv_heads; h += num_warps) {
+      float* v = row + (h < p.num_heads ? h * hd : q_size + (h - p.num_heads) * hd);
+      const float* weight = h < p.num_heads ? p.q_norm : p.k_norm;
+      float sum_sq = 0.0f;
+      for (int i = lane; i < hd; i += 32) sum_sq += v[i] * v[i];
+      sum_sq = warp_sum(sum_sq);
+      const float inv = 1.0f / sqrtf(sum_sq / static_cast<float>(hd) + p.eps);
+      for (int i = lane; i < hd; i += 32) v[i] = weight[i] * (v[i] * inv);
+    }
+    __syncthreads();
+  }
+  if (p.clip > 0.0f) {
+    for (int i = tid; i < width; i += k_threads) row[i] = fminf(fmaxf(row[i], -p.clip), p.clip);
+    __syncthreads();
+  }
+
+  // HF rotate_half RoPE on every q and k head: pairs (i, i + head_dim / 2) rotate by pos * inv_freq[i].
+  const int half = hd / 2;
+  const float pos = static_cast<float>(token_pos[t]);
+  for (int idx = tid; idx < (p.num_heads + p.num_kv_heads) * half; idx += k_threads) {
+    const int h = idx / half, i = idx % half;
+    float* v = row + (h < p.num_heads ? h * hd : q_size + (h - p.num_heads) * hd);
+    const float angle = pos * p.rope_inv_freq[i];
+    const float c = cosf(angle), s = sinf(angle);
+    const float a = v[i], b = v[i + half];
+    v[i] = a * c - b * s;
+    v[i + half] = b * c + a * s;
+  }
+  __syncthreads();
+
+  float* q_out = q + static_cast<int64_t>(t) * q_size;
+  for (int i = tid; i < q_size; i += k_threads) q_out[i] = row[i];
+  const int64_t slot = slots[t];
+  for (int i = tid; i < kv_size; i += k_threads) {
+    k_cache[slot * kv_size + i] = float_to_bf16(row[q_size + i]);
+    v_cache[slot * kv_size + i] = float_to_bf16(row[q_size + kv_size + i]);
+  }
+}
+
+constexpr int k_head_threads = 64;
+
+// grid (T, num_heads + 2 * num_kv_heads): q heads, then k heads, then v heads, as in the fused row.
+__global__ void __launch_bounds__(k_head_threads)
+    qkv_head_kernel(float* q, bf16* k_cache, bf16* v_cache, const float* qkv, const int32_t* token_pos,
+                    const int32_t* slots, QkvParams p) {
+  __shared__ float v[256];  // one head (head_dim <= 256)
+  __shared__ float scratch[32];
+  const int t = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
+  const int hd = p.head_dim, nh = p.num_heads, nkv = p.num_kv_heads;
+  const int q_size = nh * hd, kv_size = nkv * hd, width = q_size + 2 * kv_size;
+  const int kind = h < nh ? 0 : h < nh + nkv ? 1 : 2;  // q, k or v
+  const int at = h * hd;                                 // the head's columns in the fused row
+  for (int i = tid; i < hd; i += k_head_threads)
+    v[i] = qkv[static_cast<int64_t>(t) * width + at + i] + (p.bias != nullptr ? p.bias[at + i] : 0.0f);
+  __syncthreads();
+  if (kind < 2 && p.qk_norm == QkNormKind::PerHead) {  // Qwen3-MoE: RMSNorm of each q and k head
+    const float* weight = kind == 0 ? p.q_norm : p.k_norm;
+    float sum_sq = 0.0f;
+    for (int i = tid; i < hd; i += k_head_threads) sum_sq += v[i] * v[i];
+    sum_sq = block_sum(sum_sq, scratch);
+    const float inv = 1.0f / sqrtf(sum_sq / static_cast<float>(hd) + p.eps);
+    for (int i = tid; i < hd; i += k_head_threads) v[i] = weight[i] * (v[i] * inv);
+    __syncthreads();
+  }
+  if (p.clip > 0.0f) {
+    for (int i = tid; i < hd; i += k_head_threads) v[i] = fminf(fmaxf(v[i], -p.clip), p.clip);
+    __syncthreads();
+  }
+  if (kind < 2) {  // RoPE on q and k
+    const int half = hd / 2;
+    const float pos = static_cast<float>(token_pos[t]);
+    for (int i = tid; i < half; i += k_head_threads) {
+      const float angle = pos * p.rope_inv_freq[i];
+      const float c = cosf(angle), s = sinf(angle);
+      const float a = v[i], b = v[i + half];
+      v[i] = a * c - b * s;
+      v[i + half] = b * c + a * s;
+    }
+    __syncthreads();
+  }
+  if (kind == 0) {
+    for (int i = tid; i < hd; i += k_head_threads) q[static_cast<int64_t>(t) * q_size + at + i] = v[i];
+  } else {
+    bf16* cache = kind == 1 ? k_cache : v_cache;
+    const int64_t base = static_cast<int64_t>(slots[t]) * kv_size + (h - nh - (kind == 2 ? nkv : 0)) * hd;
+    for (int i = tid; i < hd; i += k_head_threads) cache[base + i] = float_to_bf16(v[i]);
+  }
+}
+
+}  // namespace
+
+void qkv_rope_cache(float* q, bf16* k_cache, bf16* v_cache, const float* qkv, const int32_t* token_pos,
+                    const int32_t* slots, int num_tokens, const QkvParams& p, cudaStream_t stream) {
+  if (num_tokens == 0) return;
+  if (p.head_dim % 2 != 0 || p.head_dim > 256) argument_error("qkv_rope_cache", "head_dim must be even, at most 256");
+  if (p.qk_norm != QkNormKind::Full) {
+    qkv_head_kernel<<<dim3(num_tokens, p.num_heads + 2 * p.num_kv_heads), k_head_threads, 0, stream>>>(
+        q, k_cache, v_cache, qkv, token_pos, slots, p);
+    CUDA_CHECK_LAUNCH();
+    return;
+  }
+  const size_t smem = static_cast<size_t>(p.num_heads + 2 * p.num_kv_heads) * p.head_dim * sizeof(float);
+  if (smem > 48 * 1024)
+    CUDA_CHECK(cudaFuncSetAttribute(qkv_rope_cache_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(smem)));
+  qkv_rope_cache_kernel<<<num_tokens, k_threads, smem, stream>>>(q, k_cache, v_cache, qkv, token_pos, slots, p);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace moescope::cuda

@@ -1,0 +1,684 @@
+// Every CUDA kernel against the CPU backend's kernels (the oracle), on fresh random inputs, with the
+// max error printed. Skips without a GPU.
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <numeric>
+#include <random>
+
+#include "backend/cpu/cpu_backend.h"
+#include "backend/cpu/kernels.h"
+#include "backend/cpu/layers.h"
+#include "backend/cuda/blas.h"
+#include "backend/cuda/kernels.h"
+#include "cuda_test_util.h"
+#include "test_util.h"
+
+namespace moescope {
+namespace {
+
+using cuda::DeviceBuffer;
+using test::Bf16Tensor;
+using test::expect_close;
+using test::random_bf16;
+using test::random_f32;
+using test::to_device;
+using test::to_host;
+
+constexpr double k_f32_tol = 2e-5;   // f32 activations and accumulation, bf16 weights: only the order of sums differs
+constexpr double k_bf16_tol = 1e-2;  // an intermediate rounded to bf16 (the large path's activations, the KV cache)
+
+class CudaKernels : public test::GpuTest {};
+
+// --- gemv: the small-batch product ----------------------------------------------------------------------
+
+TEST_F(CudaKernels, GemvMatchesCpuMatmul) {
+  std::mt19937 rng(1);
+  struct Case { int tokens, n, k; };
+  // One row per warp (n < 8192), two (n < 32768), four (larger); k not a multiple of 256; 1..8 tokens.
+  for (const Case& cs : {Case{1, 300, 2048}, Case{3, 77, 64}, Case{8, 1000, 1408}, Case{2, 9000, 136}, Case{5, 40000, 64},
+                        Case{4, 33, 5632}}) {
+    const Bf16Tensor w = random_bf16({cs.n, cs.k}, rng, 1.0f / std::sqrt(static_cast<float>(cs.k)));
+    const std::vector<float> x = random_f32(static_cast<size_t>(cs.tokens) * cs.k, rng);
+    std::vector<float> ref(static_cast<size_t>(cs.tokens) * cs.n);
+    cpu::matmul(ref.data(), x.data(), cs.tokens, w.view);
+
+    auto d_w = to_device(w.bits);
+    auto d_x = to_device(x);
+    auto d_y = test::poisoned(ref.size());
+    cuda::gemv(d_y.data(), cs.n, d_x.data(), d_w.data(), cs.tokens, cs.n, cs.k, false, nullptr);
+    expect_close(fmt::format("gemv T={} n={} k={}", cs.tokens, cs.n, cs.k), to_host(d_y, ref.size()), ref, k_f32_tol);
+
+    // accumulate: y += x . w (the o_proj residual add)
+    const std::vector<float> y0 = random_f32(ref.size(), rng);
+    auto d_acc = to_device(y0);
+    cuda::gemv(d_acc.data(), cs.n, d_x.data(), d_w.data(), cs.tokens, cs.n, cs.k, true, nullptr);
+    std::vector<float> ref_acc(ref.size());
+    for (size_t i = 0; i < ref.size(); ++i) ref_acc[i] = y0[i] + ref[i];
+    expect_close("  ... accumulate", to_host(d_acc, ref.size()), ref_acc, k_f32_tol);
+  }
+}
+
+TEST_F(CudaKernels, CublasGemmMatchesCpuMatmulOnBf16Activations) {
+  std::mt19937 rng(2);
+  const int tokens = 37, n = 300, k = 512;
+  const Bf16Tensor w = random_bf16({n, k}, rng, 0.05f);
+  const std::vector<float> x = test::round_bf16(random_f32(static_cast<size_t>(tokens) * k, rng));
+  std::vector<float> ref(static_cast<size_t>(tokens) * n);
+  cpu::matmul(ref.data(), x.data(), tokens, w.view);
+  auto d_w = to_device(w.bits);
+  auto d_x = to_device(test::to_bf16_bits(x));
+  auto d_y = test::poisoned(ref.size());
+  cuda::Blas blas;
+  blas.gemm(d_y.data(), n, d_x.data(), d_w.data(), tokens, n, k, 0.0f);
+  expect_close("cuBLAS gemm beta 0", to_host(d_y, ref.size()), ref, 1e-4);
+  const std::vector<float> y0 = random_f32(ref.size(), rng);
+  auto d_acc = to_device(y0);
+  blas.gemm(d_acc.data(), n, d_x.data(), d_w.data(), tokens, n, k, 1.0f);
+  std::vector<float> ref_acc(ref.size());
+  for (size_t i = 0; i < ref.size(); ++i) ref_acc[i] = y0[i] + ref[i];
+  expect_close("cuBLAS gemm beta 1", to_host(d_acc, ref.size()), ref_acc, 1e-4);
+}
+
+// --- RMSNorm with the feed-forward fold ---------------------------------------------------------------
+
+TEST_F(CudaKernels, RmsNormFoldsFeedForwardOutputLikeTheCpu) {
+  std::mt19937 rng(3);
+  for (const int hidden : {64, 2048, 200}) {
+    const int tokens = 5, slots = 3;
+    const Bf16Tensor weight = random_bf16({hidden}, rng, 0.1f, 1.0f);
+    const std::vector<float> x = random_f32(static_cast<size_t>(tokens) * hidden, rng);
+    const std::vector<float> ffn = random_f32(static_cast<size_t>(tokens) * slots * hidden, rng);
+    const std::vector<float> scale = random_f32(tokens, rng);
+    // CPU: x += (slot 0 + slot 1 + scale * slot 2), then rms_norm.
+    std::vector<float> x_ref = x;
+    for (int t = 0; t < tokens; ++t)
+      for (int i = 0; i < hidden; ++i) {
+        const float* f = &ffn[(static_cast<size_t>(t) * slots) * hidden + i];
+        x_ref[static_cast<size_t>(t) * hidden + i] += f[0] + f[hidden] + scale[t] * f[2 * hidden];
+      }
+    std::vector<float> h_ref(x_ref.size());
+    cpu::rms_norm(h_ref.data(), x_ref.data(), tokens, hidden, weight.view, 1e-6f);
+
+    auto d_w = to_device(weight.widened());
+    auto d_x = to_device(x);
+    auto d_ffn = to_device(ffn);
+    auto d_scale = to_device(scale);
+    auto d_h = test::poisoned(h_ref.size());
+    DeviceBuffer<uint16_t> d_hb(h_ref.size());
+    cuda::rms_norm(d_h.data(), d_hb.data(), d_x.data(), nullptr, tokens, hidden, d_w.data(), 1e-6f,
+                   {d_ffn.data(), slots, d_scale.data()}, nullptr);
+    const auto h = to_host(d_h, h_ref.size());
+    expect_close(fmt::format("rms_norm hidden {} (residual after fold)", hidden), to_host(d_x, x.size()), x_ref, k_f32_tol);
+    expect_close(fmt::format("rms_norm hidden {} (normed)", hidden), h, h_ref, k_f32_tol);
+    const auto hb = to_host(d_hb, h_ref.size());
+    for (size_t i = 0; i < h.size(); ++i) ASSERT_EQ(hb[i], f32_to_bf16(h[i])) << "bf16 copy of element " << i;
+
+    // A subset of rows (the final norm of each sequence's last token), no fold.
+    const std::vector<int32_t> rows = {4, 1};
+    auto d_rows = to_device(rows);
+    auto d_x2 = to_device(x);
+    auto d_out = test::poisoned(rows.size() * hidden);
+    cuda::rms_norm(d_out.data(), nullptr, d_x2.data(), d_rows.data(), 2, hidden, d_w.data(), 1e-6f, {}, nullptr);
+    std::vector<float> sub_ref(rows.size() * hidden);
+    for (size_t r = 0; r < rows.size(); ++r)
+      cpu::rms_norm(&sub_ref[r * hidden], &x[static_cast<size_t>(rows[r]) * hidden], 1, hidden, weight.view, 1e-6f);
+    expect_close("rms_norm of rows {4, 1}", to_host(d_out, sub_ref.size()), sub_ref, k_f32_tol);
+  }
+}
+
+TEST_F(CudaKernels, SwigluBf16MatchesCpuSwiglu) {
+  std::mt19937 rng(4);
+  const int tokens = 7, inter = 96;
+  const std::vector<float> gate_up = random_f32(static_cast<size_t>(tokens) * 2 * inter, rng, 2.0f);
+  std::vector<float> ref(static_cast<size_t>(tokens) * inter);
+  for (int t = 0; t < tokens; ++t)
+    cpu::swiglu(&ref[static_cast<size_t>(t) * inter], &gate_up[static_cast<size_t>(t) * 2 * inter],
+                &gate_up[static_cast<size_t>(t) * 2 * inter + inter], inter);
+  auto d_in = to_device(gate_up);
+  DeviceBuffer<uint16_t> d_out(ref.size());
+  cuda::swiglu_bf16(d_out.data(), d_in.data(), tokens, inter, nullptr);
+  const auto bits = to_host(d_out, ref.size());
+  std::vector<float> got(bits.size());
+  for (size_t i = 0; i < bits.size(); ++i) got[i] = bf16_to_f32(bits[i]);
+  expect_close("swiglu_bf16", got, ref, 4e-3);  // one bf16 rounding
+}
+
+// --- router and grouping -------------------------------------------------------------------------------
+
+TEST_F(CudaKernels, RouterTopkMatchesCpuSoftmaxAndSelectExperts) {
+  std::mt19937 rng(5);
+  struct Case { int tokens, hidden, experts, top_k; bool norm, shared; };
+  for (const Case& cs : {Case{37, 64, 8, 2, false, true}, Case{5, 2048, 60, 4, false, true}, Case{64, 256, 128, 8, true, false},
+                        Case{1, 64, 16, 4, true, false}}) {
+    const int rows = cs.experts + (cs.shared ? 1 : 0);
+    Bf16Tensor w = random_bf16({rows, cs.hidden}, rng, 4.0f / std::sqrt(static_cast<float>(cs.hidden)));
+    // Expert 5 is a copy of expert 3: equal probabilities, which torch.topk orders by the lower id.
+    std::copy_n(&w.bits[3 * static_cast<size_t>(cs.hidden)], cs.hidden, &w.bits[5 * static_cast<size_t>(cs.hidden)]);
+    const std::vector<float> x = random_f32(static_cast<size_t>(cs.tokens) * cs.hidden, rng);
+
+    std::vector<float> logits(static_cast<size_t>(cs.tokens) * rows);
+    cpu::matmul(logits.data(), x.data(), cs.tokens, w.view);
+    std::vector<int32_t> ref_ids(static_cast<size_t>(cs.tokens) * cs.top_k);
+    std::vector<float> ref_w(ref_ids.size()), ref_gate(cs.tokens), margins(cs.tokens);
+    for (int t = 0; t < cs.tokens; ++t) {
+      std::vector<float> p(&logits[static_cast<size_t>(t) * rows], &logits[static_cast<size_t>(t) * rows] + cs.experts);
+      cpu::softmax(p.data(), cs.experts);
+      cpu::select_experts(p.data(), cs.experts, cs.top_k, cs.norm, &ref_ids[static_cast<size_t>(t) * cs.top_k],
+                          &ref_w[static_cast<size_t>(t) * cs.top_k]);
+      std::vector<float> sorted = p;
+      std::sort(sorted.begin(), sorted.end(), std::greater<>());
+      margins[t] = cs.top_k < cs.experts ? sorted[cs.top_k - 1] - sorted[cs.top_k] : 1.0f;
+      if (cs.shared) ref_gate[t] = 1.0f / (1.0f + std::exp(-logits[static_cast<size_t>(t) * rows + cs.experts]));
+    }
+
+    auto d_w = to_device(w.bits);
+    auto d_x = to_device(x);
+    DeviceBuffer<int32_t> d_ids(ref_ids.size());
+    auto d_wts = test::poisoned(ref_ids.size());
+    auto d_gate = test::poisoned(cs.tokens);
+    cuda::router_topk(d_ids.data(), d_wts.data(), cs.shared ? d_gate.data() : nullptr, d_x.data(), d_w.data(), cs.tokens,
+                      cs.hidden, cs.experts, cs.top_k, cs.norm, nullptr);
+    const auto ids = to_host(d_ids, ref_ids.size());
+    const auto wts = to_host(d_wts, ref_ids.size());
+    int near_ties = 0;
+    double max_w = 0.0;
+    for (int t = 0; t < cs.tokens; ++t) {
+      const size_t at = static_cast<size_t>(t) * cs.top_k;
+      const bool same = std::equal(ids.begin() + at, ids.begin() + at + cs.top_k, ref_ids.begin() + at);
+      if (!same && margins[t] < 1e-6f) {  // a different choice between probabilities equal to f32 rounding
+        ++near_ties;
+        continue;
+      }
+      EXPECT_TRUE(same) << "token " << t << " (margin " << margins[t] << ")";
+      for (int j = 0; j < cs.top_k; ++j) max_w = std::max(max_w, static_cast<double>(std::fabs(wts[at + j] - ref_w[at + j])));
+    }
+    std::printf("  router E=%d k=%d norm=%d: %d tokens, max weight diff %.3g, %d near-ties skipped\n", cs.experts,
+                cs.top_k, cs.norm, cs.tokens, max_w, near_ties);
+    EXPECT_LE(max_w, 1e-6);
+    if (cs.shared) expect_close("  shared-expert gate", to_host(d_gate, cs.tokens), ref_gate, 1e-6);
+  }
+}
+
+TEST_F(CudaKernels, AlignGroupsPairsByExpertInPairOrder) {
+  std::mt19937 rng(6);
+  for (const auto& [num_pairs, num_experts] : {std::pair{4, 60}, std::pair{37 * 2, 8}, std::pair{2048 * 4, 60}, std::pair{300, 256}}) {
+    std::uniform_int_distribution<int32_t> pick(0, num_experts - 1);
+    std::vector<int32_t> ids(num_pairs);
+    for (auto& id : ids) id = pick(rng);
+    // Expected, on the host: a stable counting sort.
+    std::vector<int32_t> offsets(num_experts + 1, 0), sorted, active, tile_expert, tile_row;
+    for (int32_t id : ids) ++offsets[id + 1];
+    for (int e = 0; e < num_experts; ++e) offsets[e + 1] += offsets[e];
+    for (int e = 0; e < num_experts; ++e) {
+      for (int p = 0; p < num_pairs; ++p)
+        if (ids[p] == e) sorted.push_back(p);
+      if (offsets[e + 1] > offsets[e]) active.push_back(e);
+      for (int r = offsets[e]; r < offsets[e + 1]; r += cuda::k_expert_tile_rows) {
+        tile_expert.push_back(e);
+        tile_row.push_back(r);
+      }
+    }
+    ASSERT_LE(static_cast<int>(tile_expert.size()), cuda::max_expert_tiles(num_pairs, num_experts));
+
+    auto d_ids = to_device(ids);
+    DeviceBuffer<int32_t> memory(static_cast<size_t>(cuda::expert_groups_ints(num_pairs, num_experts)));
+    CUDA_CHECK(cudaMemset(memory.data(), 0xff, memory.bytes()));
+    const cuda::ExpertGroups g = cuda::carve_expert_groups(memory.data(), num_pairs, num_experts);
+    cuda::align_by_expert(g, d_ids.data(), num_pairs, num_experts, nullptr);
+    auto read = [&](const int32_t* p, size_t n) {
+      std::vector<int32_t> out(n);
+      if (n > 0) CUDA_CHECK(cudaMemcpy(out.data(), p, n * sizeof(int32_t), cudaMemcpyDeviceToHost));
+      return out;
+    };
+    EXPECT_EQ(read(g.sorted_pairs, num_pairs), sorted);
+    EXPECT_EQ(read(g.expert_offsets, num_experts + 1), offsets);
+    EXPECT_EQ(read(g.num_active, 1)[0], static_cast<int32_t>(active.size()));
+    EXPECT_EQ(read(g.active_experts, active.size()), active);
+    EXPECT_EQ(read(g.num_tiles, 1)[0], static_cast<int32_t>(tile_expert.size()));
+    EXPECT_EQ(read(g.tile_expert, tile_expert.size()), tile_expert);
+    EXPECT_EQ(read(g.tile_row, tile_row.size()), tile_row);
+    std::printf("  align: %d pairs over %d experts -> %zu active, %zu tiles\n", num_pairs, num_experts, active.size(),
+                tile_expert.size());
+  }
+}
+
+// A single token's router writes the same groups as align_by_expert on its ids.
+TEST_F(CudaKernels, RouterGroupsASingleTokenLikeAlign) {
+  std::mt19937 rng(11);
+  for (const auto& [experts, top_k] : {std::pair{60, 4}, std::pair{8, 2}, std::pair{128, 8}}) {
+    const int hidden = 256;
+    const Bf16Tensor w = random_bf16({experts, hidden}, rng, 0.25f);
+    auto d_w = to_device(w.bits);
+    auto d_x = to_device(random_f32(hidden, rng));
+    DeviceBuffer<int32_t> d_ids(top_k);
+    DeviceBuffer<float> d_wts(top_k);
+    const int64_t ints = cuda::expert_groups_ints(top_k, experts);
+    DeviceBuffer<int32_t> fused(static_cast<size_t>(ints)), aligned(static_cast<size_t>(ints));
+    CUDA_CHECK(cudaMemset(fused.data(), 0xff, fused.bytes()));
+    CUDA_CHECK(cudaMemset(aligned.data(), 0xff, aligned.bytes()));
+    const cuda::ExpertGroups gf = cuda::carve_expert_groups(fused.data(), top_k, experts);
+    const cuda::ExpertGroups ga = cuda::carve_expert_groups(aligned.data(), top_k, experts);
+    ASSERT_TRUE(cuda::router_topk(d_ids.data(), d_wts.data(), nullptr, d_x.data(), d_w.data(), 1, hidden, experts, top_k,
+                                  false, nullptr, &gf));
+    cuda::align_by_expert(ga, d_ids.data(), top_k, experts, nullptr);
+    auto read = [&](const int32_t* p, size_t n) {
+      std::vector<int32_t> out(n);
+      CUDA_CHECK(cudaMemcpy(out.data(), p, n * sizeof(int32_t), cudaMemcpyDeviceToHost));
+      return out;
+    };
+    EXPECT_EQ(read(gf.sorted_pairs, top_k), read(ga.sorted_pairs, top_k));
+    EXPECT_EQ(read(gf.expert_offsets, experts + 1), read(ga.expert_offsets, experts + 1));
+    EXPECT_EQ(read(gf.num_active, 1), read(ga.num_active, 1));
+    EXPECT_EQ(read(gf.active_experts, top_k), read(ga.active_experts, top_k));
+    EXPECT_EQ(read(gf.num_tiles, 1), read(ga.num_tiles, 1));
+    EXPECT_EQ(read(gf.tile_expert, top_k), read(ga.tile_expert, top_k));
+    EXPECT_EQ(read(gf.tile_row, top_k), read(ga.tile_row, top_k));
+  }
+}
+
+// --- experts: the whole MoE block against cpu::moe ----------------------------------------------------
+
+struct MoeCase {
+  int tokens, hidden, experts, top_k, inter, shared_inter;
+  bool norm;
+};
+
+// The MoE block's weights on the host (CPU views) and on the device (the CUDA backend's layout).
+struct MoeWeights {
+  ModelConfig config;
+  LayerWeights layer;
+  std::vector<Bf16Tensor> keep;  // storage behind the views
+  DeviceBuffer<uint16_t> router, gate_up, down, shared_gate_up, shared_down;
+
+  MoeWeights(const MoeCase& cs, std::mt19937& rng) {
+    config.hidden_size = cs.hidden;
+    config.num_experts = cs.experts;
+    config.num_experts_per_tok = cs.top_k;
+    config.moe_intermediate_size = cs.inter;
+    config.shared_expert_intermediate_size = cs.shared_inter;
+    config.norm_topk_prob = cs.norm;
+    keep.reserve(4 + 3 * static_cast<size_t>(cs.experts) + 4);
+    auto add = [&](std::vector<int64_t> shape, float stddev) -> const TensorView& {
+      keep.push_back(random_bf16(std::move(shape), rng, stddev));
+      return keep.back().view;
+    };
+    const float s_in = 1.0f / std::sqrt(static_cast<float>(cs.hidden));
+    layer.is_moe = true;
+    layer.router = add({cs.experts, cs.hidden}, 4.0f * s_in);
+    std::vector<uint16_t> gu, dn;
+    for (int e = 0; e < cs.experts; ++e) {
+      MlpWeights m{add({cs.inter, cs.hidden}, s_in), add({cs.inter, cs.hidden}, s_in),
+                   add({cs.hidden, cs.inter}, 1.0f / std::sqrt(static_cast<float>(cs.inter)))};
+      layer.experts.push_back(m);
+      const auto& g = keep[keep.size() - 3].bits;
+      const auto& u = keep[keep.size() - 2].bits;
+      const auto& d = keep[keep.size() - 1].bits;
+      gu.insert(gu.end(), g.begin(), g.end());
+      gu.insert(gu.end(), u.begin(), u.end());
+      dn.insert(dn.end(), d.begin(), d.end());
+    }
+    std::vector<uint16_t> router_bits = keep[0].bits;
+    if (cs.shared_inter > 0) {
+      layer.shared_expert = {add({cs.shared_inter, cs.hidden}, s_in), add({cs.shared_inter, cs.hidden}, s_in),
+                             add({cs.hidden, cs.shared_inter}, 1.0f / std::sqrt(static_cast<float>(cs.shared_inter)))};
+      const size_t n = keep.size();
+      std::vector<uint16_t> sgu = keep[n - 3].bits;
+      sgu.insert(sgu.end(), keep[n - 2].bits.begin(), keep[n - 2].bits.end());
+      shared_gate_up = to_device(sgu);
+      shared_down = to_device(keep[n - 1].bits);
+      layer.shared_expert_gate = add({1, cs.hidden}, s_in);
+      router_bits.insert(router_bits.end(), keep.back().bits.begin(), keep.back().bits.end());
+    }
+    router = to_device(router_bits);
+    gate_up = to_device(gu);
+    down = to_device(dn);
+  }
+
+  cuda::ExpertWeights device_view(const MoeCase& cs) const {
+    cuda::ExpertWeights w;
+    w.gate_up = gate_up.data();
+    w.down = down.data();
+    w.inter = cs.inter;
+    if (cs.shared_inter > 0) {
+      w.dense_gate_up = shared_gate_up.data();
+      w.dense_down = shared_down.data();
+      w.dense_inter = cs.shared_inter;
+    }
+    return w;
+  }
+};
+
+// Runs router -> align -> experts (small or large path) -> fold into a zero residual; returns the block
+// output [T, hidden] and the routes.
+struct MoeRun {
+  std::vector<float> out;
+  std::vector<int32_t> ids;
+  std::vector<float> weights;
+};
+
+MoeRun run_moe_on_gpu(const MoeCase& cs, const MoeWeights& mw, const std::vector<float>& x, bool small) {
+  const int T = cs.tokens, H = cs.hidden, P = T * cs.top_k;
+  const bool shared = cs.shared_inter > 0;
+  const int slots = cs.top_k + (shared ? 1 : 0);
+  const cuda::ExpertWeights ew = mw.device_view(cs);
+  auto d_x = to_device(x);
+  auto d_xb = to_device(test::to_bf16_bits(x));
+  DeviceBuffer<int32_t> d_ids(P);
+  DeviceBuffer<float> d_wts(P), d_gate(T);
+  DeviceBuffer<int32_t> groups_mem(static_cast<size_t>(cuda::expert_groups_ints(P, cs.experts)));
+  const cuda::ExpertGroups groups = cuda::carve_expert_groups(groups_mem.data(), P, cs.experts);
+  auto d_ffn = test::poisoned(static_cast<size_t>(T) * slots * H);
+
+  // As the backend: a single token's router groups its own pairs; otherwise align_by_expert does.
+  if (!cuda::router_topk(d_ids.data(), d_wts.data(), shared ? d_gate.data() : nullptr, d_x.data(), mw.router.data(), T,
+                         H, cs.experts, cs.top_k, cs.norm, nullptr, &groups))
+    cuda::align_by_expert(groups, d_ids.data(), P, cs.experts, nullptr);
+  if (small) {
+    const int ld_h = (std::max(cs.inter, cs.shared_inter) + 7) / 8 * 8;
+    DeviceBuffer<float> h(static_cast<size_t>(P + T) * ld_h);
+    cuda::experts_gate_up_small(h.data(), ld_h, d_x.data(), ew, groups, T, H, cs.experts, cs.top_k, nullptr);
+    cuda::experts_down_small(d_ffn.data(), slots, h.data(), ld_h, d_wts.data(), ew, groups, T, H, cs.experts, cs.top_k,
+                             nullptr);
+  } else {
+    DeviceBuffer<uint16_t> hb(static_cast<size_t>(P) * cs.inter);
+    cuda::experts_gate_up_grouped(hb.data(), d_xb.data(), ew, groups, T, H, cs.experts, cs.top_k, nullptr);
+    cuda::experts_down_grouped(d_ffn.data(), slots, hb.data(), d_wts.data(), ew, groups, T, H, cs.experts, cs.top_k,
+                               nullptr);
+    if (shared) {
+      cuda::Blas blas;
+      DeviceBuffer<float> gu(static_cast<size_t>(T) * 2 * cs.shared_inter);
+      DeviceBuffer<uint16_t> act(static_cast<size_t>(T) * cs.shared_inter);
+      blas.gemm(gu.data(), 2 * cs.shared_inter, d_xb.data(), ew.dense_gate_up, T, 2 * cs.shared_inter, H, 0.0f);
+      cuda::swiglu_bf16(act.data(), gu.data(), T, cs.shared_inter, nullptr);
+      blas.gemm(d_ffn.data() + static_cast<size_t>(cs.top_k) * H, slots * H, act.data(), ew.dense_down, T, H,
+                cs.shared_inter, 0.0f);
+    }
+  }
+  // Fold into a zero residual: x becomes exactly the block's output.
+  DeviceBuffer<float> residual(static_cast<size_t>(T) * H), normed(static_cast<size_t>(T) * H);
+  CUDA_CHECK(cudaMemset(residual.data(), 0, residual.bytes()));
+  auto ones = to_device(std::vector<float>(H, 1.0f));
+  cuda::rms_norm(normed.data(), nullptr, residual.data(), nullptr, T, H, ones.data(), 1e-6f,
+                 {d_ffn.data(), slots, shared ? d_gate.data() : nullptr}, nullptr);
+  return {to_host(residual, static_cast<size_t>(T) * H), to_host(d_ids, P), to_host(d_wts, P)};
+}
+
+void check_moe(const MoeCase& cs, bool small, std::mt19937& rng) {
+  const MoeWeights mw(cs, rng);
+  std::vector<float> x = random_f32(static_cast<size_t>(cs.tokens) * cs.hidden, rng);
+  if (!small) x = test::round_bf16(x);  // the large path reads bf16 activations: give the CPU the same input
+  test::CaptureSink sink;
+  std::vector<float> ref(x.size());
+  cpu::moe(ref.data(), x.data(), cs.tokens, 0, mw.layer, mw.config, &sink);
+  const MoeRun got = run_moe_on_gpu(cs, mw, x, small);
+  const std::string label = fmt::format("moe {} path T={} E={} k={} inter={} shared={} norm={}", small ? "small" : "large",
+                                        cs.tokens, cs.experts, cs.top_k, cs.inter, cs.shared_inter, cs.norm);
+  // The routes: same router input on both sides, so the same choices (random data: no near-ties expected).
+  const auto& ref_routes = sink.routes.at(0);
+  int differing = 0;
+  for (int t = 0; t < cs.tokens; ++t)
+    for (int j = 0; j < cs.top_k; ++j) {
+      const size_t at = static_cast<size_t>(t) * cs.top_k + j;
+      if (got.ids[at] != ref_routes.ids[t][j]) ++differing;
+      EXPECT_NEAR(got.weights[at], ref_routes.weights[t][j], 1e-6) << label << " token " << t << " slot " << j;
+    }
+  EXPECT_EQ(differing, 0) << label << ": routes differ from the CPU's";
+  expect_close(label, got.out, ref, small ? 1e-5 : k_bf16_tol);
+}
+
+TEST_F(CudaKernels, MoeBlockSmallPathMatchesCpuMoe) {
+  std::mt19937 rng(7);
+  for (const MoeCase& cs : {MoeCase{1, 2048, 16, 4, 1408, 5632, false}, MoeCase{3, 64, 8, 2, 32, 96, false},
+                           MoeCase{8, 256, 16, 4, 48, 0, true}, MoeCase{5, 128, 6, 3, 48, 64, true}})
+    check_moe(cs, true, rng);
+}
+
+TEST_F(CudaKernels, MoeBlockLargePathMatchesCpuMoe) {
+  std::mt19937 rng(8);
+  for (const MoeCase& cs : {MoeCase{37, 64, 8, 2, 32, 96, false}, MoeCase{200, 256, 16, 4, 48, 0, true},
+                           MoeCase{130, 2048, 16, 4, 1408, 5632, false}, MoeCase{9, 128, 12, 3, 32, 0, true}})
+    check_moe(cs, false, rng);
+}
+
+TEST_F(CudaKernels, DenseMlpBothPathsMatchCpuMlp) {
+  std::mt19937 rng(9);
+  const int hidden = 256, inter = 96;
+  const float s_in = 1.0f / std::sqrt(static_cast<float>(hidden));
+  const Bf16Tensor g = random_bf16({inter, hidden}, rng, s_in), u = random_bf16({inter, hidden}, rng, s_in),
+                   d = random_bf16({hidden, inter}, rng, 1.0f / std::sqrt(static_cast<float>(inter)));
+  const MlpWeights mlp{g.view, u.view, d.view};
+  std::vector<uint16_t> gu = g.bits;
+  gu.insert(gu.end(), u.bits.begin(), u.bits.end());
+  auto d_gu = to_device(gu);
+  auto d_down = to_device(d.bits);
+  cuda::ExpertWeights ew;
+  ew.dense_gate_up = d_gu.data();
+  ew.dense_down = d_down.data();
+  ew.dense_inter = inter;
+  for (const int tokens : {1, 6, 40}) {
+    const bool small = tokens <= cuda::k_small_batch_max_tokens;
+    std::vector<float> x = random_f32(static_cast<size_t>(tokens) * hidden, rng);
+    if (!small) x = test::round_bf16(x);
+    std::vector<float> ref(x.size());
+    cpu::mlp(ref.data(), x.data(), tokens, mlp);
+    auto d_x = to_device(x);
+    auto d_out = test::poisoned(x.size());
+    if (small) {
+      DeviceBuffer<float> h(static_cast<size_t>(tokens) * inter);
+      cuda::experts_gate_up_small(h.data(), inter, d_x.data(), ew, {}, tokens, hidden, 0, 0, nullptr);
+      cuda::experts_down_small(d_out.data(), 1, h.data(), inter, nullptr, ew, {}, tokens, hidden, 0, 0, nullptr);
+    } else {
+      cuda::Blas blas;
+      auto d_xb = to_device(test::to_bf16_bits(x));
+      DeviceBuffer<float> gate_up(static_cast<size_t>(tokens) * 2 * inter);
+      DeviceBuffer<uint16_t> act(static_cast<size_t>(tokens) * inter);
+      blas.gemm(gate_up.data(), 2 * inter, d_xb.data(), d_gu.data(), tokens, 2 * inter, hidden, 0.0f);
+      cuda::swiglu_bf16(act.data(), gate_up.data(), tokens, inter, nullptr);
+      blas.gemm(d_out.data(), hidden, act.data(), d_down.data(), tokens, hidden, inter, 0.0f);
+    }
+    expect_close(fmt::format("dense mlp {} path T={}", small ? "small" : "large", tokens), to_host(d_out, x.size()), ref,
+                 small ? 1e-5 : k_bf16_tol);
+  }
+}
+
+// --- attention: q/k/v post-processing, paged cache, prefill and decode kernels ------------------------
+
+struct AttentionCase {
+  const char* name;
+  int hidden, heads, kv_heads, head_dim;
+  QkNorm qk_norm;
+  bool bias;
+  float clip;
+};
+
+// Two passes over three sequences with a paged cache of 4-token blocks in scattered order. Pass 1:
+// B's prompt (5 tokens), C's first chunk (9). Pass 2: A's prompt (20: two prefill tiles), B's decode
+// (1 token at position 5), C's second chunk (7 tokens from position 9). Each pass's attention output
+// goes through o_proj on the CPU and is compared with cpu::attention; then the cached keys and values.
+TEST_F(CudaKernels, AttentionMatchesCpuAttentionOverPagedCache) {
+  std::mt19937 rng(10);
+  for (const AttentionCase& ac : {AttentionCase{"qwen2 gqa bias", 64, 4, 2, 16, QkNorm::None, true, 0.0f},
+                                 AttentionCase{"olmoe full qk-norm clip", 64, 4, 4, 16, QkNorm::Full, false, 0.08f},
+                                 AttentionCase{"qwen3 per-head qk-norm hd32", 64, 4, 2, 32, QkNorm::PerHead, false, 0.0f},
+                                 AttentionCase{"mixtral gqa hd8", 64, 8, 2, 8, QkNorm::None, false, 0.0f},
+                                 AttentionCase{"hd128", 256, 2, 1, 128, QkNorm::None, true, 0.0f}}) {
+    ModelConfig c;
+    c.hidden_size = ac.hidden;
+    c.num_attention_heads = ac.heads;
+    c.num_key_value_heads = ac.kv_heads;
+    c.head_dim = ac.head_dim;
+    c.qk_norm = ac.qk_norm;
+    c.clip_qkv = ac.clip;
+    c.rms_norm_eps = 1e-6f;
+    c.rope_theta = 10000.0;
+    const int q_size = c.q_size(), kv_size = c.kv_size(), width = q_size + 2 * kv_size;
+    const float s_in = 1.0f / std::sqrt(static_cast<float>(ac.hidden));
+    std::vector<Bf16Tensor> keep;
+    keep.reserve(12);
+    auto add = [&](std::vector<int64_t> shape, float stddev, float mean = 0.0f) -> TensorView {
+      keep.push_back(random_bf16(std::move(shape), rng, stddev, mean));
+      return keep.back().view;
+    };
+    LayerWeights w;
+    w.q_proj = add({q_size, ac.hidden}, s_in);
+    w.k_proj = add({kv_size, ac.hidden}, s_in);
+    w.v_proj = add({kv_size, ac.hidden}, s_in);
+    w.o_proj = add({ac.hidden, q_size}, 1.0f / std::sqrt(static_cast<float>(q_size)));
+    if (ac.bias) {
+      w.q_bias = add({q_size}, 0.1f);
+      w.k_bias = add({kv_size}, 0.1f);
+      w.v_bias = add({kv_size}, 0.1f);
+    }
+    if (ac.qk_norm == QkNorm::Full) {
+      w.q_norm = add({q_size}, 0.1f, 1.0f);
+      w.k_norm = add({kv_size}, 0.1f, 1.0f);
+    } else if (ac.qk_norm == QkNorm::PerHead) {
+      w.q_norm = add({ac.head_dim}, 0.1f, 1.0f);
+      w.k_norm = add({ac.head_dim}, 0.1f, 1.0f);
+    }
+    std::vector<float> inv_freq;
+    for (int i = 0; i < ac.head_dim / 2; ++i)
+      inv_freq.push_back(1.0f / std::pow(static_cast<float>(c.rope_theta), static_cast<float>(2 * i) / static_cast<float>(ac.head_dim)));
+    auto widen = [](const TensorView& t) {
+      std::vector<float> v(static_cast<size_t>(t.numel()));
+      if (!t.empty()) to_f32(t.dtype, t.data, v.data(), v.size());
+      return v;
+    };
+    std::vector<float> bias;
+    if (ac.bias) {
+      for (const TensorView* t : {&w.q_bias, &w.k_bias, &w.v_bias}) {
+        const auto v = widen(*t);
+        bias.insert(bias.end(), v.begin(), v.end());
+      }
+    }
+    auto d_bias = to_device(bias);
+    auto d_qn = to_device(widen(w.q_norm));
+    auto d_kn = to_device(widen(w.k_norm));
+    auto d_inv = to_device(inv_freq);
+    cuda::QkvParams qp;
+    qp.num_heads = ac.heads;
+    qp.num_kv_heads = ac.kv_heads;
+    qp.head_dim = ac.head_dim;
+    qp.bias = ac.bias ? d_bias.data() : nullptr;
+    qp.qk_norm = ac.qk_norm == QkNorm::Full ? cuda::QkNormKind::Full
+                 : ac.qk_norm == QkNorm::PerHead ? cuda::QkNormKind::PerHead : cuda::QkNormKind::None;
+    qp.q_norm = ac.qk_norm != QkNorm::None ? d_qn.data() : nullptr;
+    qp.k_norm = ac.qk_norm != QkNorm::None ? d_kn.data() : nullptr;
+    qp.eps = c.rms_norm_eps;
+    qp.clip = ac.clip;
+    qp.rope_inv_freq = d_inv.data();
+
+    // Paged cache: 64 blocks of 4; sequence s owns the blocks listed (scattered on purpose).
+    const int block_size = 4, num_blocks = 64, max_blocks = 8;
+    const std::vector<std::vector<int32_t>> tables = {{17, 3, 40, 8, 22, 63}, {5, 30}, {12, 0, 51, 9}};
+    DeviceBuffer<uint16_t> k_cache(static_cast<size_t>(num_blocks) * block_size * kv_size),
+        v_cache(static_cast<size_t>(num_blocks) * block_size * kv_size);
+    std::vector<int32_t> table_flat(3 * max_blocks, 0);
+    for (int s = 0; s < 3; ++s) std::copy(tables[s].begin(), tables[s].end(), table_flat.begin() + s * max_blocks);
+    auto d_tables = to_device(table_flat);
+
+    std::vector<cpu::SequenceCache> cpu_caches(3);
+    for (auto& sc : cpu_caches) {
+      sc.k.resize(1);
+      sc.v.resize(1);
+    }
+    struct Chunk { int seq, start, n; };
+    const std::vector<std::vector<Chunk>> passes = {{{1, 0, 5}, {2, 0, 9}}, {{0, 0, 20}, {1, 5, 1}, {2, 9, 7}}};
+    for (size_t pass = 0; pass < passes.size(); ++pass) {
+      cpu::TokenLayout layout;
+      std::vector<int32_t> token_pos, token_seq, slots, decode_rows;
+      std::vector<cuda::PrefillTile> tiles;
+      for (const Chunk& ch : passes[pass]) {
+        const int row0 = static_cast<int>(token_pos.size());
+        layout.caches.push_back(&cpu_caches[ch.seq]);
+        const int32_t s = static_cast<int32_t>(layout.caches.size()) - 1;
+        for (int i = 0; i < ch.n; ++i) {
+          const int pos = ch.start + i;
+          layout.token_seq.push_back(s);
+          layout.token_pos.push_back(pos);
+          token_pos.push_back(pos);
+          token_seq.push_back(ch.seq);  // the device tables are indexed by the sequence itself
+          slots.push_back(tables[ch.seq][pos / block_size] * block_size + pos % block_size);
+        }
+        if (ch.n == 1) decode_rows.push_back(row0);
+        else
+          for (int i = 0; i < ch.n; i += cuda::k_prefill_tile_rows)
+            tiles.push_back({ch.seq, row0 + i, std::min(cuda::k_prefill_tile_rows, ch.n - i), ch.start + i});
+      }
+      const int T = static_cast<int>(token_pos.size());
+      const std::vector<float> x = random_f32(static_cast<size_t>(T) * ac.hidden, rng);
+      std::vector<float> ref(static_cast<size_t>(T) * ac.hidden);
+      cpu::attention(ref.data(), x.data(), layout, 0, w, c, inv_freq);
+
+      // q/k/v without bias on the CPU (the kernel adds it), then the kernels under test.
+      std::vector<float> q(static_cast<size_t>(T) * q_size), k(static_cast<size_t>(T) * kv_size), v(k.size());
+      cpu::matmul(q.data(), x.data(), T, w.q_proj);
+      cpu::matmul(k.data(), x.data(), T, w.k_proj);
+      cpu::matmul(v.data(), x.data(), T, w.v_proj);
+      std::vector<float> qkv(static_cast<size_t>(T) * width);
+      for (int t = 0; t < T; ++t) {
+        std::copy_n(&q[static_cast<size_t>(t) * q_size], q_size, &qkv[static_cast<size_t>(t) * width]);
+        std::copy_n(&k[static_cast<size_t>(t) * kv_size], kv_size, &qkv[static_cast<size_t>(t) * width + q_size]);
+        std::copy_n(&v[static_cast<size_t>(t) * kv_size], kv_size, &qkv[static_cast<size_t>(t) * width + q_size + kv_size]);
+      }
+      auto d_qkv = to_device(qkv);
+      auto d_pos = to_device(token_pos);
+      auto d_seq = to_device(token_seq);
+      auto d_slots = to_device(slots);
+      auto d_decode = to_device(decode_rows);
+      std::vector<int32_t> tile_ints;
+      for (const auto& tl : tiles) tile_ints.insert(tile_ints.end(), {tl.seq, tl.row, tl.num_rows, tl.pos});
+      auto d_tiles = to_device(tile_ints);
+      DeviceBuffer<float> d_q(static_cast<size_t>(T) * q_size);
+      auto d_attn = test::poisoned(static_cast<size_t>(T) * q_size);
+      cuda::qkv_rope_cache(d_q.data(), k_cache.data(), v_cache.data(), d_qkv.data(), d_pos.data(), d_slots.data(), T, qp,
+                           nullptr);
+      cuda::AttentionBatch ab;
+      ab.block_tables = d_tables.data();
+      ab.max_blocks = max_blocks;
+      ab.block_size = block_size;
+      ab.prefill_tiles = reinterpret_cast<const cuda::PrefillTile*>(d_tiles.data());
+      ab.num_prefill_tiles = static_cast<int>(tiles.size());
+      ab.decode_rows = d_decode.data();
+      ab.num_decode = static_cast<int>(decode_rows.size());
+      ab.token_seq = d_seq.data();
+      ab.token_pos = d_pos.data();
+      cuda::attention(d_attn.data(), nullptr, d_q.data(), k_cache.data(), v_cache.data(), ab, ac.heads, ac.kv_heads,
+                      ac.head_dim, nullptr);
+      const auto attn = to_host(d_attn, static_cast<size_t>(T) * q_size);
+      std::vector<float> got(ref.size());
+      cpu::matmul(got.data(), attn.data(), T, w.o_proj);
+      expect_close(fmt::format("attention {} pass {} ({} prefill tiles, {} decode rows)", ac.name, pass + 1, tiles.size(),
+                               decode_rows.size()),
+                   got, ref, k_bf16_tol);
+
+      // The cache holds the CPU's k and v (after norm, clip and RoPE), rounded to bf16.
+      const auto kc = to_host(k_cache, k_cache.size()), vc = to_host(v_cache, v_cache.size());
+      std::vector<float> got_kv, ref_kv;
+      for (const Chunk& ch : passes[pass])
+        for (int pos = ch.start; pos < ch.start + ch.n; ++pos) {
+          const size_t slot = static_cast<size_t>(tables[ch.seq][pos / block_size]) * block_size + pos % block_size;
+          for (int i = 0; i < kv_size; ++i) {
+            got_kv.push_back(bf16_to_f32(kc[slot * kv_size + i]));
+            ref_kv.push_back(cpu_caches[ch.seq].k[0][static_cast<size_t>(pos) * kv_size + i]);
+            got_kv.push_back(bf16_to_f32(vc[slot * kv_size + i]));
+            ref_kv.push_back(cpu_caches[ch.seq].v[0][static_cast<size_t>(pos) * kv_size + i]);
+          }
+        }
+      expect_close("  ... cached k and v", got_kv, ref_kv, 8e-3);
+    }
+  }
+}
+
+TEST_F(CudaKernels, ReadBandwidthIsMeasured) {
+  const cuda::BandwidthSample s = cuda::measure_read_bandwidth(size_t{256} << 20, 3);
+  std::printf("  read bandwidth over 256 MB: best %.1f GB/s, median %.1f, min %.1f\n", s.best_gb_per_s, s.median_gb_per_s,
+              s.min_gb_per_s);
+  EXPECT_GT(s.min_gb_per_s, 50.0);
+  EXPECT_GE(s.best_gb_per_s, s.median_gb_per_s);
+}
+
+}  // namespace
+}  // namespace moescope
