@@ -13,6 +13,7 @@
 
 #include "backend/factory.h"
 #include "cli/commands.h"
+#include "cli/bench_recording.h"
 #include "cli/device.h"
 #include "engine/sampler.h"
 #include "model/make_model.h"
@@ -34,6 +35,8 @@ struct BenchArgs {
   BackendOptions backend_options;
   std::string json_out;
   std::string command_line;
+  bool recording_overhead = false;  // also measure the recording overhead (SPEC §6) on each model
+  OverheadOptions overhead;
 };
 
 struct Spread {
@@ -205,8 +208,17 @@ void run_bench(const BenchArgs& a) {
                                          {"method", bw.method}, {"copy_best", bw.copy_best_gb_per_s}}},
                  {"models", Json::array()}};
 
+  auto bench_dir = [&](const std::filesystem::path& dir, const std::string& label) {
+    Json result = bench_model(dir, label, a, device, bw.best_gb_per_s);
+    if (a.recording_overhead) {
+      const LoadedModel m = load_model(dir);
+      result["recording_overhead"] = bench_recording_overhead(
+          m, [&] { return make_backend(device, m.weights, a.backend_options); }, a.overhead);
+    }
+    report["models"].push_back(std::move(result));
+  };
   if (!a.model.empty()) {
-    report["models"].push_back(bench_model(a.model, a.model, a, device, bw.best_gb_per_s));
+    bench_dir(a.model, a.model);
   } else {
     for (const std::string& preset : a.presets.empty() ? std::vector<std::string>{"tiny", "small"} : a.presets) {
       const auto dir = std::filesystem::temp_directory_path() / fmt::format("moescope-bench-{}-{}", preset, ::getpid());
@@ -215,7 +227,7 @@ void run_bench(const BenchArgs& a) {
       fmt::print("\nwrote the {} checkpoint in {:.1f} s\n", preset,
                  std::chrono::duration<double>(std::chrono::steady_clock::now() - written).count());
       try {
-        report["models"].push_back(bench_model(dir, "preset " + preset + " (qwen2_moe, seed 0)", a, device, bw.best_gb_per_s));
+        bench_dir(dir, "preset " + preset + " (qwen2_moe, seed 0)");
       } catch (...) {
         std::filesystem::remove_all(dir);
         throw;
@@ -241,6 +253,11 @@ void add_bench(CLI::App& app) {
   cmd->add_option("--batch", args->batch_sizes, "Decode batch sizes")->delimiter(',')->capture_default_str();
   cmd->add_option("--repeats", args->repeats, "Runs per figure (median and spread are reported)")->capture_default_str();
   cmd->add_option("--json", args->json_out, "Also write the figures as JSON to this file");
+  cmd->add_flag("--recording-overhead", args->recording_overhead,
+                "Also time one workload with recording off and each recording mode on, interleaved");
+  cmd->add_option("--overhead-rounds", args->overhead.rounds, "Rounds of the recording-overhead workload")->capture_default_str();
+  cmd->add_option("--overhead-prompts", args->overhead.prompts, "Requests in the recording-overhead workload")->capture_default_str();
+  cmd->add_option("--overhead-max-tokens", args->overhead.max_tokens, "Tokens generated per request there")->capture_default_str();
   add_device_option(cmd, args->device);
   add_gpu_options(cmd, args->backend_options);
   cmd->callback([args] {

@@ -19,5 +19,7 @@ void add_make_model(CLI::App& app);
 void add_bench(CLI::App& app);
 void add_report(CLI::App& app);
 void add_prompts(CLI::App& app);
+void add_serve(CLI::App& app);
+void add_run(CLI::App& app);
 
 }  // namespace moescope::cli

@@ -19,6 +19,8 @@ int main(int argc, char** argv) {
   moescope::cli::add_bench(app);
   moescope::cli::add_report(app);
   moescope::cli::add_prompts(app);
+  moescope::cli::add_serve(app);
+  moescope::cli::add_run(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
