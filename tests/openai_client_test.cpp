@@ -4,6 +4,7 @@
 #include <signal.h>
 
 #include <fstream>
+#include <sstream>
 #include <regex>
 #include <thread>
 
@@ -18,10 +19,11 @@ namespace fs = std::filesystem;
 // A `moescope serve` process on a free port.
 class ServeProcess {
  public:
-  explicit ServeProcess(const std::string& args) : log_(tmp_ / "serve.log") {
+  explicit ServeProcess(const std::string& args) : ServeProcess("", args) {}
+  ServeProcess(const std::string& env, const std::string& args) : log_(tmp_ / "serve.log") {
     pid_ = ::fork();
     if (pid_ == 0) {
-      const std::string cmd = "exec " + test::binary().string() + " serve --port 0 " + args + " >" + log_.string() + " 2>&1";
+      const std::string cmd = env + " exec " + test::binary().string() + " serve --port 0 " + args + " >" + log_.string() + " 2>&1";
       ::execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
       ::_exit(127);
     }
@@ -65,8 +67,7 @@ class ServeCommand : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     dir_ = new test::TempDir();
-    const auto made = test::run_moescope("make-model --arch qwen2_moe --preset tiny --seed 3 --out " + dir_->path().string());
-    ASSERT_EQ(made.exit_code, 0) << made.output;
+    test::make_tiny_model(dir_->path());
   }
   static void TearDownTestSuite() { delete dir_; }
   static test::TempDir* dir_;
@@ -121,6 +122,56 @@ TEST_F(ServeCommand, TheSeedCurlLinesWorkVerbatimAndTheAutoJsonlIsWritten) {
     ++lines;
   }
   EXPECT_EQ(lines, generated);
+}
+
+TEST_F(ServeCommand, GreedyOutputThroughTheServerEqualsGenerate) {
+  ServeProcess serve(dir_->path().string());
+  ASSERT_GT(serve.port(), 0) << serve.log();
+  const std::string prompt = "Janet has 16 eggs. She eats 3.";
+  const Json body = {{"prompt", prompt}, {"max_tokens", 24}, {"temperature", 0}, {"ignore_eos", true}};
+  const auto http = test::run_command("curl -sf http://127.0.0.1:" + std::to_string(serve.port()) +
+                                      "/v1/completions -H 'Content-Type: application/json' -d '" + body.dump() + "'");
+  ASSERT_EQ(http.exit_code, 0) << http.output;
+  const auto cli = test::run_moescope("generate " + dir_->path().string() + " --prompt '" + prompt + "' --max-tokens 24 --ignore-eos --json");
+  ASSERT_EQ(cli.exit_code, 0) << cli.output;
+  EXPECT_EQ(Json::parse(http.output)["choices"][0]["text"], Json::parse(cli.output)["text"]);
+  EXPECT_EQ(serve.stop(), 0);
+}
+
+TEST_F(ServeCommand, SigtermWhileServingAndRecordingEndsRequestsAndLeavesWholeFiles) {
+  test::TempDir tmp;
+  const std::string files = " --expert-distribution-jsonl " + (tmp / "passes.jsonl").string() +
+                            " --expert-distribution-recorder-mode per_token --expert-distribution-dump " + (tmp / "tokens.jsonl").string();
+  ServeProcess serve("MOESCOPE_LOG_MOE=" + (tmp / "routes.jsonl").string() + " MOESCOPE_LOG_MOE_LAYER=all", dir_->path().string() + files);
+  ASSERT_GT(serve.port(), 0) << serve.log();
+  // A long streamed request in flight when the signal comes.
+  const std::string body = R"({"prompt": "a long story", "max_tokens": 4000, "n": 16, "stream": true, "ignore_eos": true})";
+  std::string streamed;
+  std::thread client([&] {
+    streamed = test::run_command("curl -sN http://127.0.0.1:" + std::to_string(serve.port()) + "/v1/completions -H 'Content-Type: application/json' -d '" +
+                                 body + "'")
+                   .output;
+  });
+  for (int i = 0; i < 300 && (!fs::exists(tmp / "passes.jsonl") || fs::file_size(tmp / "passes.jsonl") < 5000); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_EQ(serve.stop(), 0) << serve.log();
+  client.join();
+  // The request ended: its stream says why and closes with [DONE].
+  EXPECT_NE(streamed.find("shutting down"), std::string::npos) << streamed.substr(0, 300);
+  EXPECT_NE(streamed.find("data: [DONE]"), std::string::npos);
+  for (const char* name : {"passes.jsonl", "routes.jsonl", "tokens.jsonl"}) {
+    const std::string text = read_text_file(tmp / name);
+    ASSERT_FALSE(text.empty()) << name;
+    EXPECT_EQ(text.back(), '\n') << name;
+    std::istringstream lines(text);
+    std::string line;
+    int n = 0;
+    while (std::getline(lines, line)) {
+      EXPECT_NO_THROW(Json::parse(line)) << name << " line " << n;
+      ++n;
+    }
+    EXPECT_GT(n, 1) << name;
+  }
 }
 
 TEST_F(ServeCommand, BadFlagsAndABusyPortAreOneLineErrors) {

@@ -99,9 +99,7 @@ class ServerTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     dir_ = new test::TempDir();
-    // make-model writes a tokenizer beside the weights; the server needs one.
-    const auto made = test::run_moescope("make-model --arch qwen2_moe --preset tiny --seed 3 --out " + dir_->path().string());
-    ASSERT_EQ(made.exit_code, 0) << made.output;
+    test::make_tiny_model(dir_->path());
   }
   static void TearDownTestSuite() { delete dir_; }
   static test::TempDir* dir_;

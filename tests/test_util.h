@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <map>
 #include <string>
@@ -20,7 +21,12 @@
 namespace moescope::test {
 
 inline std::filesystem::path source_dir() { return MOESCOPE_SOURCE_DIR; }
-inline std::filesystem::path binary() { return MOESCOPE_BINARY; }
+// The moescope binary the CLI tests run: this build's, or MOESCOPE_TEST_BINARY (the sanitizer builds use
+// the main build's binary and sanitize only the code linked into the test).
+inline std::filesystem::path binary() {
+  const char* other = std::getenv("MOESCOPE_TEST_BINARY");
+  return other != nullptr && *other != '\0' ? std::filesystem::path(other) : std::filesystem::path(MOESCOPE_BINARY);
+}
 
 // A fresh directory under the system temp dir, removed when the object goes out of scope.
 class TempDir {
@@ -65,6 +71,13 @@ inline CommandResult run_command(const std::string& command) {
 
 // Runs `moescope ARGS`.
 inline CommandResult run_moescope(const std::string& args) { return run_command(binary().string() + " " + args); }
+
+// A tiny random Qwen2-MoE written by `moescope make-model` into dir: weights and the small byte-level
+// tokenizer make-model writes beside them (the server needs a tokenizer).
+inline void make_tiny_model(const std::filesystem::path& dir, int seed = 3) {
+  const auto made = run_moescope("make-model --arch qwen2_moe --preset tiny --seed " + std::to_string(seed) + " --out " + dir.string());
+  ASSERT_EQ(made.exit_code, 0) << made.output;
+}
 
 // Keeps every (layer -> [tokens][k]) route of the passes it sees, in pass order.
 class CaptureSink : public RoutingSink {

@@ -47,12 +47,26 @@ TimingFile read_timing_file(const std::filesystem::path& path) {
   return t;
 }
 
+namespace {
+
+Json read_timing_object(const std::filesystem::path& path) {
+  if (!std::filesystem::exists(path)) return Json::object();
+  Json all = read_json_file(path);
+  if (!all.is_object()) fail("{}: timing file is not a JSON object; move it away or give another --timing", path.string());
+  return all;
+}
+
+}  // namespace
+
+void check_timing_file(const std::filesystem::path& path) {
+  read_timing_object(path);
+  const std::filesystem::path probe = path.string() + ".tmp";
+  write_text_file(probe, "");  // the folder takes the file merge_timing_entry writes and renames
+  std::filesystem::remove(probe);
+}
+
 void merge_timing_entry(const std::filesystem::path& path, const std::string& label, const TimingRun& run) {
-  Json all = Json::object();
-  if (std::filesystem::exists(path)) {
-    all = read_json_file(path);
-    if (!all.is_object()) fail("{}: timing file is not a JSON object; move it away or give another --timing", path.string());
-  }
+  Json all = read_timing_object(path);
   Json entry = {{"seconds", run.seconds}};
   if (run.prompts) entry["prompts"] = *run.prompts;
   if (run.prompt_tokens) entry["prompt_tokens"] = *run.prompt_tokens;

@@ -37,6 +37,9 @@ TimingFile read_timing_file(const std::filesystem::path& path);
 // file when it does not exist. Throws Error naming the file when it is not a JSON object or cannot be
 // written. The file is replaced whole (written beside it, then renamed): never half-written.
 void merge_timing_entry(const std::filesystem::path& path, const std::string& label, const TimingRun& run);
+// What merge_timing_entry will need, checked before a long run: the file, if it exists, is a JSON object,
+// and its folder can be written. Throws Error naming the file.
+void check_timing_file(const std::filesystem::path& path);
 
 struct Overhead {
   double no_log_seconds = 0.0;

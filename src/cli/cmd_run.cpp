@@ -38,8 +38,7 @@ void run_run(const RunArgs& a) {
   Recording recording(a.recording, routing_shape(m.weights->config, m.name));
   const bool routing_log = recording.route_log_on();
   const std::string label = a.label.empty() ? (routing_log ? "log" : "no_log") : a.label;
-  if (!a.timing.empty()) analysis::merge_timing_entry(a.timing + ".check", "check", {});  // fails now if unwritable
-  std::filesystem::remove(a.timing + ".check");
+  if (!a.timing.empty()) analysis::check_timing_file(a.timing);  // a bad timing file fails now, not after the run
   const BatchResult r = run_batch(m, prompts, a.sampling, device, a.backend_options, recording, /*progress=*/true);
 
   const double tokens_per_s = r.seconds > 0 ? static_cast<double>(r.generated_tokens) / r.seconds : 0.0;

@@ -20,15 +20,9 @@ std::vector<ChoiceDelta> Channel::pop(std::chrono::milliseconds timeout) {
 void Channel::push(ChoiceDelta delta) {
   {
     std::lock_guard lock(mutex_);
-    if (!delta.finish_reason.empty()) finished_ = true;
     deltas_.push_back(std::move(delta));
   }
   ready_.notify_all();
-}
-
-bool Channel::finished() const {
-  std::lock_guard lock(mutex_);
-  return finished_;
 }
 
 // A request in the engine, seen from the engine thread.

@@ -46,7 +46,6 @@ class Channel {
   // Waits up to `timeout` for deltas; returns those queued (possibly none).
   std::vector<ChoiceDelta> pop(std::chrono::milliseconds timeout);
   void push(ChoiceDelta delta);
-  bool finished() const;
   void cancel() { cancelled_.store(true); }
   bool cancelled() const { return cancelled_.load(); }
 
@@ -54,7 +53,6 @@ class Channel {
   mutable std::mutex mutex_;
   std::condition_variable ready_;
   std::deque<ChoiceDelta> deltas_;
-  bool finished_ = false;
   std::atomic<bool> cancelled_{false};
 };
 
@@ -86,7 +84,6 @@ class EngineService {
   ServiceStats stats() const;
   const LoadedModel& model() const { return model_; }
   const RoutingShape& shape() const { return shape_; }
-  int64_t kv_capacity_tokens() const { return options_.kv_cache_tokens; }
 
   // Called by the engine thread for every request that finishes (for /metrics).
   std::function<void(const GenerationRequest&, const std::string& reason, int prompt_tokens, int completion_tokens,
