@@ -4,6 +4,7 @@
 // Blocks are formatted on the writer thread: the engine hands over raw routes (a copy), not text.
 // Every write(2) carries whole lines; a failed write (a full disk) is cut back to the last whole line,
 // reported once, and the writer stops taking blocks, so generation goes on unharmed.
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -27,6 +28,7 @@ class JsonlWriter {
     int64_t blocks = 0;          // blocks taken
     int64_t bytes = 0;           // bytes on disk
     int64_t producer_waits = 0;  // pushes that waited for room in the queue
+    double cpu_seconds = 0.0;    // CPU time of the writer thread (formatting and writing), once closed
   };
 
   // Opens (append or truncate) the file and starts the thread; throws Error naming the path when the
@@ -54,9 +56,11 @@ class JsonlWriter {
   void run();
   bool write_all(const std::string& text);
 
+  static constexpr std::chrono::milliseconds k_poll{20};  // the writer looks at least this often
   std::filesystem::path path_;
   int fd_ = -1;
   size_t capacity_;
+  size_t wake_at_;  // queued blocks that wake the writer at once
   mutable std::mutex mutex_;
   std::condition_variable not_empty_, not_full_, drained_;
   std::deque<std::unique_ptr<const Block>> queue_;

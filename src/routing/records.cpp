@@ -72,6 +72,9 @@ void PassRoutes::begin(const PassInfo& pass, int k) {
   layers.clear();
   ids.clear();
   weights.clear();
+  layers.reserve(8);
+  ids.reserve(8 * token_pos.size() * static_cast<size_t>(k));  // most passes store a handful of layers
+  weights.reserve(ids.capacity());
 }
 
 void PassRoutes::add_layer(int layer, std::span<const int32_t> topk_ids, std::span<const float> topk_weights) {
