@@ -121,6 +121,10 @@ TEST_F(ServerTest, SeedFlowInEveryMode) {
     const Json out = Json::parse(r->body);
     const int prompt_tokens = out["usage"]["prompt_tokens"], completion_tokens = out["usage"]["completion_tokens"];
     EXPECT_EQ(completion_tokens, 20);
+    // While recording, /metrics carries the recorder's per-layer, per-expert counts.
+    const std::string metrics = c.Get("/metrics")->body;
+    EXPECT_NE(metrics.find("moescope_expert_recording 1"), std::string::npos);
+    EXPECT_NE(metrics.find("moescope_expert_tokens_total{model_name=\"tiny\",layer=\"3\",expert=\"7\"}"), std::string::npos) << metrics;
     ASSERT_EQ(bare_post(s.port(), "/dump_expert_distribution?summary_only=true", &body), 200) << body;
     const Json summary = Json::parse(body);
     EXPECT_EQ(summary["status"], "success");

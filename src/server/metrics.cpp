@@ -47,6 +47,24 @@ void Metrics::request_refused(int status) {
   ++refused_[status];
 }
 
+namespace {
+
+// A label value as the Prometheus text format escapes it: backslash, double quote and newline.
+std::string label_value(const std::string& text) {
+  std::string out;
+  for (char c : text) {
+    if (c == '\\' || c == '"') out += '\\';
+    if (c == '\n') {
+      out += "\\n";
+      continue;
+    }
+    out += c;
+  }
+  return out;
+}
+
+}  // namespace
+
 std::string Metrics::render(const ServiceStats& s, const ExpertRecorder& recorder, const std::string& model_name) const {
   std::string out;
   auto it = std::back_inserter(out);
@@ -77,10 +95,11 @@ std::string Metrics::render(const ServiceStats& s, const ExpertRecorder& recorde
   if (state == RecorderState::Recording) {
     const auto counts = recorder.counts();
     const auto& layers = recorder.shape().moe_layers;
+    const std::string label = label_value(model_name);
     fmt::format_to(it, "# HELP moescope_expert_tokens_total Token-to-expert assignments in the current recording.\n# TYPE moescope_expert_tokens_total counter\n");
     for (size_t m = 0; m < counts.size(); ++m)
       for (size_t e = 0; e < counts[m].size(); ++e)
-        fmt::format_to(it, "moescope_expert_tokens_total{{model_name=\"{}\",layer=\"{}\",expert=\"{}\"}} {}\n", model_name, layers[m], e, counts[m][e]);
+        fmt::format_to(it, "moescope_expert_tokens_total{{model_name=\"{}\",layer=\"{}\",expert=\"{}\"}} {}\n", label, layers[m], e, counts[m][e]);
   }
   return out;
 }
