@@ -217,10 +217,11 @@ void run_bench(const BenchArgs& a) {
     }
     report["models"].push_back(std::move(result));
   };
-  if (!a.model.empty()) {
-    bench_dir(a.model, a.model);
+  if (!a.model.empty() || a.presets.empty()) {  // no model and no preset: the model shipped in models/
+    const std::filesystem::path dir = a.model.empty() ? default_model_dir() : std::filesystem::path(a.model);
+    bench_dir(dir, a.model.empty() ? dir.filename().string() : a.model);
   } else {
-    for (const std::string& preset : a.presets.empty() ? std::vector<std::string>{"tiny", "small"} : a.presets) {
+    for (const std::string& preset : a.presets) {
       const auto dir = std::filesystem::temp_directory_path() / fmt::format("moescope-bench-{}-{}", preset, ::getpid());
       const auto written = std::chrono::steady_clock::now();
       write_random_checkpoint(dir, make_model_config("qwen2_moe", preset), 0);
@@ -243,7 +244,7 @@ void run_bench(const BenchArgs& a) {
 void add_bench(CLI::App& app) {
   auto args = std::make_shared<BenchArgs>();
   CLI::App* cmd = app.add_subcommand("bench", "Prefill/decode throughput beside the memory-bandwidth floor");
-  cmd->add_option("model", args->model, "Model directory (default: the tiny and small presets)");
+  cmd->add_option("model", args->model, "Model directory (default: the model shipped in models/; --preset instead for random ones)");
   cmd->add_option("--preset", args->presets, "Benchmark these make-model presets (qwen2_moe) instead of a directory")
       ->check(CLI::IsMember({"tiny", "small", "qwen1.5-moe-a2.7b"}));
   cmd->add_option("--prompt-tokens", args->prompt_tokens, "Prompt length before the decode steps")->capture_default_str();
