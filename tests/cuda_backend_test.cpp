@@ -32,20 +32,8 @@ constexpr double k_logit_rel_tol = 3e-2;
 constexpr double k_weight_tol = 2e-2;
 constexpr double k_tie = 1e-2;         // route and greedy margins below this are near-ties: listed, not failed
 
-fs::path fixtures_dir() { return test::source_dir() / "tests" / "fixtures" / "reference"; }
-
-std::vector<std::string> case_names() {
-  std::vector<std::string> names;
-  if (fs::is_directory(fixtures_dir()))
-    for (const auto& entry : fs::directory_iterator(fixtures_dir()))
-      if (fs::exists(entry.path() / "reference.json")) names.push_back(entry.path().filename().string());
-  std::sort(names.begin(), names.end());
-  if (names.empty()) names.push_back("missing_fixtures");  // a test that fails, never an empty suite
-  return names;
-}
-
 std::shared_ptr<const ModelWeights> load_fixture(const std::string& name, Json* reference) {
-  const fs::path dir = fixtures_dir() / name;
+  const fs::path dir = test::reference_fixtures_dir() / name;
   if (!fs::exists(dir / "reference.json")) return nullptr;
   *reference = read_json_file(dir / "reference.json");
   return std::make_shared<const ModelWeights>(ModelWeights::load(dir));
@@ -110,7 +98,7 @@ class CudaReferenceTest : public ::testing::TestWithParam<std::tuple<std::string
     std::string why;
     if (!cuda::device_available(&why)) GTEST_SKIP() << "no CUDA device (" << why << ")";
     weights_ = load_fixture(std::get<0>(GetParam()), &reference_);
-    ASSERT_TRUE(weights_) << "no reference fixtures under " << fixtures_dir();
+    ASSERT_TRUE(weights_) << "no reference fixtures under " << test::reference_fixtures_dir();
   }
   Json reference_;
   std::shared_ptr<const ModelWeights> weights_;
@@ -223,7 +211,7 @@ TEST_P(CudaReferenceTest, LogitsRoutesAndGreedyTokensMatchTransformersAndCpu) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Transformers, CudaReferenceTest,
-                         ::testing::Combine(::testing::ValuesIn(case_names()), ::testing::Values(8, 0)),
+                         ::testing::Combine(::testing::ValuesIn(test::reference_case_names()), ::testing::Values(8, 0)),
                          [](const auto& info) {
                            return std::get<0>(info.param) + (std::get<1>(info.param) == 0 ? "_large_path" : "_default");
                          });
@@ -460,7 +448,7 @@ TEST_F(CudaBackendTest, NoMemoryForTheKvCacheIsOneClearMessageWithTheSizes) {
 TEST(CudaDeviceCli, DeviceCudaWithoutAGpuIsAClearErrorAndAutoFallsBackToCpu) {
   std::string why;
   if (cuda::device_available(&why)) GTEST_SKIP() << "a GPU is present; this checks the behaviour without one";
-  const std::string model = (fixtures_dir() / "mixtral_gqa").string();
+  const std::string model = (test::reference_fixtures_dir() / "mixtral_gqa").string();
   const auto r = test::run_moescope("generate " + model + " --prompt-ids 5,6,7 --max-tokens 2 --device cuda");
   EXPECT_NE(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("no CUDA device"), std::string::npos) << r.output;
@@ -469,7 +457,7 @@ TEST(CudaDeviceCli, DeviceCudaWithoutAGpuIsAClearErrorAndAutoFallsBackToCpu) {
 }
 
 TEST_F(CudaBackendTest, GenerateAndBenchRunOnTheGpu) {
-  const std::string model = (fixtures_dir() / "qwen3_moe_headdim").string();
+  const std::string model = (test::reference_fixtures_dir() / "qwen3_moe_headdim").string();
   const auto gpu_run = test::run_moescope("generate " + model + " --prompt-ids 5,6,7,8 --max-tokens 6 --device cuda --json");
   ASSERT_EQ(gpu_run.exit_code, 0) << gpu_run.output;
   const Json j = Json::parse(gpu_run.output.substr(gpu_run.output.find('{')));

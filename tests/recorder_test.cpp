@@ -53,21 +53,10 @@ std::map<int, test::CaptureSink::LayerRoutes> routes_of(const std::vector<Json>&
 
 // --- fidelity: every architecture's reference fixture --------------------------------------------------
 
-std::vector<std::string> reference_cases() {
-  std::vector<std::string> names;
-  const fs::path dir = test::source_dir() / "tests" / "fixtures" / "reference";
-  if (fs::is_directory(dir))
-    for (const auto& e : fs::directory_iterator(dir))
-      if (fs::exists(e.path() / "reference.json")) names.push_back(e.path().filename().string());
-  std::sort(names.begin(), names.end());
-  if (names.empty()) names.push_back("missing_fixtures");
-  return names;
-}
-
 class RecorderFidelity : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(RecorderFidelity, PerTokenRecordsAndRouteLogEqualTransformers) {
-  const fs::path dir = test::source_dir() / "tests" / "fixtures" / "reference" / GetParam();
+  const fs::path dir = test::reference_fixtures_dir() / GetParam();
   ASSERT_TRUE(fs::exists(dir / "reference.json")) << "missing reference fixtures in " << dir;
   const Json reference = read_json_file(dir / "reference.json");
   const LoadedModel m = load_model(dir);
@@ -108,7 +97,7 @@ TEST_P(RecorderFidelity, PerTokenRecordsAndRouteLogEqualTransformers) {
   std::printf("  %s: %d near-ties reported\n", GetParam().c_str(), near_ties);
 }
 
-INSTANTIATE_TEST_SUITE_P(Transformers, RecorderFidelity, ::testing::ValuesIn(reference_cases()),
+INSTANTIATE_TEST_SUITE_P(Transformers, RecorderFidelity, ::testing::ValuesIn(test::reference_case_names()),
                          [](const auto& info) { return info.param; });
 
 // --- a model to run --------------------------------------------------------------------------------

@@ -20,24 +20,12 @@ namespace fs = std::filesystem;
 constexpr double k_logit_rel_tol = 1e-4;   // max |ours - ref| / max |ref|
 constexpr double k_greedy_tie = 1e-4;      // a top-1/top-2 logit gap below this is a near-tie
 
-fs::path fixtures_dir() { return test::source_dir() / "tests" / "fixtures" / "reference"; }
-
-std::vector<std::string> case_names() {
-  std::vector<std::string> names;
-  if (fs::is_directory(fixtures_dir()))
-    for (const auto& entry : fs::directory_iterator(fixtures_dir()))
-      if (fs::exists(entry.path() / "reference.json")) names.push_back(entry.path().filename().string());
-  std::sort(names.begin(), names.end());
-  if (names.empty()) names.push_back("missing_fixtures");  // a test that fails, never an empty suite
-  return names;
-}
-
 class ReferenceTest : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
-    dir_ = fixtures_dir() / GetParam();
+    dir_ = test::reference_fixtures_dir() / GetParam();
     ASSERT_TRUE(fs::exists(dir_ / "reference.json"))
-        << "no reference fixtures under " << fixtures_dir() << ": run tools/make_reference_fixtures.py (tools/README.md)";
+        << "no reference fixtures under " << test::reference_fixtures_dir() << ": run tools/make_reference_fixtures.py (tools/README.md)";
     reference_ = read_json_file(dir_ / "reference.json");
     weights_ = std::make_shared<const ModelWeights>(ModelWeights::load(dir_));
   }
@@ -122,7 +110,7 @@ TEST_P(ReferenceTest, LogitsRoutesAndGreedyTokensMatchTransformers) {
   std::printf("  %s: %d near-ties reported\n", GetParam().c_str(), near_ties);
 }
 
-INSTANTIATE_TEST_SUITE_P(Transformers, ReferenceTest, ::testing::ValuesIn(case_names()),
+INSTANTIATE_TEST_SUITE_P(Transformers, ReferenceTest, ::testing::ValuesIn(test::reference_case_names()),
                          [](const auto& info) { return info.param; });
 
 }  // namespace

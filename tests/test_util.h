@@ -72,6 +72,20 @@ inline CommandResult run_command(const std::string& command) {
 // Runs `moescope ARGS`.
 inline CommandResult run_moescope(const std::string& args) { return run_command(binary().string() + " " + args); }
 
+// The reference fixtures that transformers made (tests/fixtures/reference/<case>/, tools/README.md).
+inline std::filesystem::path reference_fixtures_dir() { return source_dir() / "tests" / "fixtures" / "reference"; }
+
+// The cases there, sorted; "missing_fixtures" when there are none, so a suite fails rather than being empty.
+inline std::vector<std::string> reference_case_names() {
+  std::vector<std::string> names;
+  if (std::filesystem::is_directory(reference_fixtures_dir()))
+    for (const auto& entry : std::filesystem::directory_iterator(reference_fixtures_dir()))
+      if (std::filesystem::exists(entry.path() / "reference.json")) names.push_back(entry.path().filename().string());
+  std::sort(names.begin(), names.end());
+  if (names.empty()) names.push_back("missing_fixtures");
+  return names;
+}
+
 // A tiny random Qwen2-MoE written by `moescope make-model` into dir: weights and the small byte-level
 // tokenizer make-model writes beside them (the server needs a tokenizer).
 inline void make_tiny_model(const std::filesystem::path& dir, int seed = 3) {
