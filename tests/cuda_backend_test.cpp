@@ -402,7 +402,7 @@ TEST_F(CudaBackendTest, KvCacheFullIsAClearErrorAndFreedBlocksAreReused) {
   o.max_kv_tokens = 32;
   o.block_size = 16;
   cuda::CudaBackend gpu(weights, o);
-  EXPECT_EQ(gpu.kv_cache_tokens(), 32);
+  EXPECT_EQ(gpu.kv_capacity().blocks * gpu.kv_capacity().block_size, 32);
   std::vector<int32_t> long_prompt(40, 7), short_prompt(20, 9);
   std::vector<float> logits;
   const int a = gpu.create_cache();

@@ -187,6 +187,65 @@ TEST_F(EngineTest, KvBudgetPreemptsAndRecomputesToTheSameTokens) {
   std::printf("  preemptions %ld, max blocks used %ld of 8\n", static_cast<long>(engine.timing().preemptions), static_cast<long>(max_used));
 }
 
+// A CPU backend that holds a fixed cache as a GPU's does: 8 blocks of 4 tokens, each sequence taking
+// ceil(tokens / 4) of them; a pass that would need more than are free throws, as the CUDA backend does.
+class FixedCacheBackend final : public Backend {
+ public:
+  explicit FixedCacheBackend(std::shared_ptr<const ModelWeights> w) : cpu_(std::move(w)) {}
+  const ModelConfig& config() const override { return cpu_.config(); }
+  int create_cache() override {
+    const int id = cpu_.create_cache();
+    blocks_[id] = 0;
+    return id;
+  }
+  void free_cache(int id) override {
+    used_ -= blocks_.at(id);
+    blocks_.erase(id);
+    cpu_.free_cache(id);
+  }
+  void forward(const Batch& batch, RoutingSink* sink, std::vector<float>& logits) override {
+    for (const BatchSequence& s : batch.sequences) {
+      const int64_t need = (s.start_pos + static_cast<int64_t>(s.tokens.size()) + 3) / 4;
+      used_ += need - blocks_.at(s.cache_id);
+      blocks_.at(s.cache_id) = need;
+    }
+    max_used_ = std::max(max_used_, used_);
+    if (used_ > 8) fail("fixed cache full: {} of 8 blocks", used_);
+    cpu_.forward(batch, sink, logits);
+  }
+  KvCapacity kv_capacity() const override { return {8, 4}; }
+  int64_t max_used() const { return max_used_; }
+
+ private:
+  cpu::CpuBackend cpu_;
+  std::map<int, int64_t> blocks_;
+  int64_t used_ = 0, max_used_ = 0;
+};
+
+TEST_F(EngineTest, BackendWithAFixedCacheSetsTheBudgetAndIsNeverOverfilled) {
+  // The options ask for blocks of 16 and no budget: the backend's 8 blocks of 4 tokens win. Three
+  // requests of 6 + 12 tokens need 5 blocks each, so they cannot all run at once.
+  FixedCacheBackend backend(weights_);
+  Engine engine(backend, EngineOptions{8, {}, 0, 16});
+  EXPECT_EQ(engine.kv_blocks_total(), 8);
+  EXPECT_EQ(engine.block_size(), 4);
+  std::vector<std::vector<int32_t>> solo;
+  for (int i = 0; i < 3; ++i) {
+    const std::vector<int32_t> prompt = {1 + i, 2 + i, 3 + i, 4 + i, 5 + i, 6 + i};
+    cpu::CpuBackend alone(weights_);
+    Engine e(alone, EngineOptions{});
+    e.add_request({"solo", prompt, SamplingParams{}, 12, true});
+    solo.push_back(e.run_to_completion().at(0).output_ids);
+    engine.add_request({"r" + std::to_string(i), prompt, SamplingParams{}, 12, true});
+  }
+  const auto outs = engine.run_to_completion();
+  ASSERT_EQ(outs.size(), 3u);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(outs[static_cast<size_t>(i)].output_ids, solo[static_cast<size_t>(i)]) << i;
+  EXPECT_GT(engine.timing().preemptions, 0);
+  EXPECT_LE(backend.max_used(), 8);
+  EXPECT_THROW(engine.add_request({"big", std::vector<int32_t>(32, 1), SamplingParams{}, 4, true}), Error);
+}
+
 TEST_F(EngineTest, PromptThatCanNeverFitIsRejectedAndFinishEndsRequests) {
   cpu::CpuBackend backend(weights_);
   Engine engine(backend, EngineOptions{8, {}, 16, 8});

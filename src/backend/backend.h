@@ -30,6 +30,13 @@ struct Batch {
 // The routing sink's view of a batch (per-token sequence index and position, mode, lengths).
 PassInfo make_pass_info(const Batch& batch);
 
+// The KV cache a backend holds: blocks of block_size tokens, a sequence of n tokens taking ceil(n /
+// block_size) of them. blocks == 0: the cache grows on demand (the CPU backend, in host memory).
+struct KvCapacity {
+  int64_t blocks = 0;
+  int block_size = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -40,6 +47,8 @@ class Backend {
   // sequence. When sink is set and wants the pass, it sees begin_pass, every MoE layer's routes in
   // layer order, and end_pass.
   virtual void forward(const Batch& batch, RoutingSink* sink, std::vector<float>& logits) = 0;
+  // The engine budgets its admissions and preemptions within this, so a pass never finds the cache full.
+  virtual KvCapacity kv_capacity() const { return {}; }
 };
 
 }  // namespace moescope

@@ -2,7 +2,9 @@
 // Flags follow vLLM's names where one exists.
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <csignal>
+#include <cstdint>
 #include <thread>
 
 #include "backend/factory.h"
@@ -49,9 +51,12 @@ void run_serve(ServeArgs& a) {
     engine_options.kv_cache_tokens = static_cast<int64_t>(a.kv_cache_space_gib * (1ull << 30) / bytes_per_token);
   }
   auto backend = make_backend(device, m.weights, a.backend_options);
-  if (const int64_t cap = engine_options.kv_cache_tokens; cap > 0 && cap < a.server.max_model_len)
-    fail("the KV cache holds {} tokens, fewer than --max-model-len {}; raise --kv-cache-space or lower --max-model-len", cap,
-         a.server.max_model_len);
+  int64_t kv_tokens = engine_options.kv_cache_tokens;  // what the engine will budget (Engine's rule)
+  if (const KvCapacity cap = backend->kv_capacity(); cap.blocks > 0)
+    kv_tokens = std::min(kv_tokens > 0 ? kv_tokens : INT64_MAX, cap.blocks * cap.block_size);
+  if (kv_tokens > 0 && kv_tokens < a.server.max_model_len)
+    fail("the KV cache holds {} tokens, fewer than --max-model-len {}; {} or lower --max-model-len", kv_tokens,
+         a.server.max_model_len, device == "cpu" ? "raise --kv-cache-space" : "raise --gpu-memory-utilization");
 
   // Recording: the routing log, --expert-distribution-jsonl and the recorder the endpoints control.
   RoutingShape shape = routing_shape(c, a.server.served_model_name);
@@ -67,7 +72,7 @@ void run_serve(ServeArgs& a) {
   });
   fmt::print(stderr, "moescope {} serving {} ({} on {}) at http://{}:{} — max-model-len {}, max-num-seqs {}, KV cache {} tokens{}\n",
              MOESCOPE_VERSION, a.server.served_model_name, c.architecture, device, a.server.host, port, a.server.max_model_len,
-             a.max_num_seqs, engine_options.kv_cache_tokens > 0 ? std::to_string(engine_options.kv_cache_tokens) : "(device-managed)",
+             a.max_num_seqs, kv_tokens,
              recording.route_log_on() ? "; routing log on" : "");
   http.listen();
   request_shutdown(SIGTERM);  // the listener ended on its own: let the watcher go

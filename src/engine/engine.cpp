@@ -10,10 +10,15 @@ namespace moescope {
 
 Engine::Engine(Backend& backend, EngineOptions options, RoutingSink* sink)
     : backend_(backend), options_(std::move(options)), sink_(sink) {
+  // A backend with a fixed cache (a GPU's) sets the blocks and bounds the budget: the engine then never
+  // sends a pass that would find the cache full, and preempts instead.
+  const KvCapacity cap = backend_.kv_capacity();
+  if (cap.blocks > 0) options_.block_size = cap.block_size;
   if (options_.block_size < 1) fail("engine: block size must be positive");
   if (options_.kv_cache_tokens > 0) total_blocks_ = options_.kv_cache_tokens / options_.block_size;
   if (options_.kv_cache_tokens > 0 && total_blocks_ < 1)
     fail("engine: a KV budget of {} tokens holds no block of {} tokens", options_.kv_cache_tokens, options_.block_size);
+  if (cap.blocks > 0) total_blocks_ = total_blocks_ > 0 ? std::min(total_blocks_, cap.blocks) : cap.blocks;
 }
 
 int64_t Engine::blocks_for(size_t tokens) const {

@@ -47,8 +47,8 @@ struct TokenEvent {
 struct EngineOptions {
   int max_num_seqs = 256;              // sequences in one pass at most
   std::vector<int32_t> eos_token_ids;  // a sampled id from this list ends a sequence (not kept)
-  int64_t kv_cache_tokens = 0;         // KV budget in tokens (0: unbounded)
-  int block_size = 16;                 // KV cache block in tokens
+  int64_t kv_cache_tokens = 0;         // KV budget in tokens (0: what the backend holds, unbounded on the CPU)
+  int block_size = 16;                 // KV cache block in tokens (a backend with a fixed cache sets its own)
 };
 
 // Wall time of the engine's passes, split by kind, for throughput figures.
@@ -83,6 +83,7 @@ class Engine {
   const EngineTiming& timing() const { return timing_; }
   // The KV budget in blocks (0: unbounded) and the blocks in use.
   int64_t kv_blocks_total() const { return total_blocks_; }
+  int block_size() const { return options_.block_size; }
   int64_t kv_blocks_used() const { return used_blocks_; }
 
  private:

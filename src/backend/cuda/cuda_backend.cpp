@@ -802,7 +802,7 @@ void CudaBackend::forward(const Batch& batch, RoutingSink* sink, std::vector<flo
   impl_->forward(batch, sink, logits);
 }
 
-int64_t CudaBackend::kv_cache_tokens() const { return impl_->num_blocks * impl_->options.block_size; }
+KvCapacity CudaBackend::kv_capacity() const { return {impl_->num_blocks, impl_->options.block_size}; }
 
 size_t CudaBackend::weight_bytes() const { return impl_->weight_arena.size(); }
 

@@ -34,7 +34,7 @@ class CudaBackend final : public Backend {
   void free_cache(int cache_id) override;
   void forward(const Batch& batch, RoutingSink* sink, std::vector<float>& logits) override;
 
-  int64_t kv_cache_tokens() const;  // capacity of the paged KV cache
+  KvCapacity kv_capacity() const override;  // the paged KV cache
   size_t weight_bytes() const;      // bytes of weights on the device (bf16, norms and biases f32)
   std::string device_description() const;
 
