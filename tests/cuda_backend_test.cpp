@@ -1,6 +1,7 @@
 // The CUDA backend end to end: against the transformers fixtures (tests/fixtures/reference) and the CPU
 // backend, a mixed batch against each sequence alone, the routing sink, its errors, and --device.
 // The GPU tests skip without a GPU; the --device tests without one run everywhere.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -13,7 +14,9 @@
 #include "backend/cuda/device.h"
 #include "cuda_test_util.h"
 #include "engine/engine.h"
+#include "engine/loaded_model.h"
 #include "engine/sampler.h"
+#include "routing/expert_recorder.h"
 #include "test_util.h"
 #include "util/error.h"
 #include "util/json.h"
@@ -391,6 +394,57 @@ TEST_F(CudaBackendTest, DecodeGraphsGiveTheEagerResultsBitForBit) {
       graphs.free_cache(cache_g[b]);
       eager.free_cache(cache_e[b]);
     }
+  }
+}
+
+// stat and per_pass take the per-expert tallies the router kernels keep on the device (one copy of
+// layers x experts per pass); per_token takes every route. Both record the same counts, in decode
+// passes replayed from CUDA graphs as in eager ones, on the small path (3 sequences) and the large (12).
+TEST_F(CudaBackendTest, DeviceTalliesRecordWhatTheRoutesRecordUnderGraphs) {
+  Json reference;
+  const auto weights = load_fixture("qwen2_moe_gqa_shared", &reference);
+  ASSERT_TRUE(weights);
+  const RoutingShape shape = routing_shape(weights->config, "qwen2_moe_gqa_shared");
+  const auto base = reference["prompts"][1]["prompt_ids"].get<std::vector<int32_t>>();
+  for (const int batch_size : {3, 12}) {
+    SCOPED_TRACE(batch_size);
+    std::map<std::string, Json> dumps;
+    int64_t graph_passes = 0;
+    for (const RecordingMode mode : {RecordingMode::PerToken, RecordingMode::Stat, RecordingMode::PerPass}) {
+      ExpertRecorder recorder(shape);
+      recorder.configure(mode);
+      recorder.start();
+      cuda::CudaBackend gpu(weights, small_options(8));
+      Engine engine(gpu, EngineOptions{batch_size, {}, 0, 16}, &recorder);
+      for (int b = 0; b < batch_size; ++b) {
+        std::vector<int32_t> prompt = base;
+        prompt.resize(base.size() - static_cast<size_t>(b % 5));
+        prompt[0] = static_cast<int32_t>(3 + b);
+        engine.add_request({fmt::format("r{}", b), prompt, SamplingParams{}, 10, true});
+      }
+      engine.run_to_completion();
+      recorder.stop();
+      dumps[to_string(mode)] = Json::parse(recorder.dump());
+      graph_passes = engine.timing().passes - 2;  // the prefill pass and the eager first decode
+    }
+    ASSERT_GT(graph_passes, 0);
+    const Json& routes = dumps.at("per_token");
+    for (const char* mode : {"stat", "per_pass"}) {
+      const Json& tallies = dumps.at(mode);
+      EXPECT_EQ(tallies["counts"], routes["counts"]) << mode;
+      double max_diff = 0.0;
+      for (size_t m = 0; m < routes["weight_sums"].size(); ++m)
+        for (size_t e = 0; e < routes["weight_sums"][m].size(); ++e)
+          max_diff = std::max(max_diff, std::fabs(tallies["weight_sums"][m][e].get<double>() -
+                                                  routes["weight_sums"][m][e].get<double>()));
+      // Each device weight is rounded to 2^-32 before it is added: at most 2^-33 per selection.
+      std::printf("  %s, batch %d: counts equal, weight sums within %.3g\n", mode, batch_size, max_diff);
+      EXPECT_LE(max_diff, 1e-6) << mode;
+    }
+    int64_t total = 0;
+    for (const auto& row : routes["counts"])
+      for (int64_t n : row.get<std::vector<int64_t>>()) total += n;
+    EXPECT_EQ(total, static_cast<int64_t>(shape.moe_layers.size()) * shape.top_k * routes["num_tokens"].get<int64_t>());
   }
 }
 

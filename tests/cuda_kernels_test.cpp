@@ -178,10 +178,26 @@ TEST_F(CudaKernels, RouterTopkMatchesCpuSoftmaxAndSelectExperts) {
     DeviceBuffer<int32_t> d_ids(ref_ids.size());
     auto d_wts = test::poisoned(ref_ids.size());
     auto d_gate = test::poisoned(cs.tokens);
+    // The recorder's tallies: the kernel adds to what is there (counts start at 7, sums at 3 units).
+    std::vector<unsigned long long> tallies(2 * static_cast<size_t>(cs.experts), 7);
+    std::fill(tallies.begin() + cs.experts, tallies.end(), 3);
+    DeviceBuffer<unsigned long long> d_tallies(tallies.size());
+    CUDA_CHECK(cudaMemcpy(d_tallies.data(), tallies.data(), d_tallies.bytes(), cudaMemcpyHostToDevice));
     cuda::router_topk(d_ids.data(), d_wts.data(), cs.shared ? d_gate.data() : nullptr, d_x.data(), d_w.data(), cs.tokens,
-                      cs.hidden, cs.experts, cs.top_k, cs.norm, nullptr);
+                      cs.hidden, cs.experts, cs.top_k, cs.norm, nullptr, nullptr,
+                      {d_tallies.data(), d_tallies.data() + cs.experts});
     const auto ids = to_host(d_ids, ref_ids.size());
     const auto wts = to_host(d_wts, ref_ids.size());
+    // The tallies equal the kernel's own routes counted here: each weight in units of 2^-32, rounded to
+    // nearest, so the integer sums are exact whatever order the atomics ran in.
+    for (size_t i = 0; i < ids.size(); ++i) {
+      ++tallies[static_cast<size_t>(ids[i])];
+      tallies[static_cast<size_t>(cs.experts + ids[i])] +=
+          static_cast<unsigned long long>(std::nearbyint(static_cast<double>(wts[i] * 4294967296.0f)));
+    }
+    std::vector<unsigned long long> got(tallies.size());
+    CUDA_CHECK(cudaMemcpy(got.data(), d_tallies.data(), d_tallies.bytes(), cudaMemcpyDeviceToHost));
+    EXPECT_EQ(got, tallies);
     int near_ties = 0;
     double max_w = 0.0;
     for (int t = 0; t < cs.tokens; ++t) {

@@ -271,6 +271,77 @@ TEST_F(RecorderTest, PassFiguresByHand) {
   EXPECT_EQ(dump["weight_sums"][0][5], 0.5);
 }
 
+// A backend that keeps per-expert totals on the device (the CUDA backend) hands counts-only sinks
+// on_counts instead of on_layer: this stands in for it, tallying each layer's routes with a loop of its own.
+class TallyingBackendSink final : public RoutingSink {
+ public:
+  TallyingBackendSink(RoutingSink* inner, int num_experts) : inner_(inner), num_experts_(num_experts) {}
+  bool wants_pass() override { return inner_->wants_pass(); }
+  bool counts_suffice() const override { return inner_->counts_suffice(); }
+  void begin_pass(const PassInfo& pass) override { inner_->begin_pass(pass); }
+  void on_layer(int layer, int num_tokens, int top_k, std::span<const int32_t> ids, std::span<const float> weights) override {
+    if (!inner_->counts_suffice()) {
+      inner_->on_layer(layer, num_tokens, top_k, ids, weights);
+      return;
+    }
+    std::vector<int64_t> counts(static_cast<size_t>(num_experts_), 0);
+    std::vector<double> sums(static_cast<size_t>(num_experts_), 0.0);
+    for (size_t i = 0; i < static_cast<size_t>(num_tokens) * top_k; ++i) {
+      ++counts[static_cast<size_t>(ids[i])];
+      sums[static_cast<size_t>(ids[i])] += weights[i];
+    }
+    ++counts_calls;
+    inner_->on_counts(layer, counts, sums);
+  }
+  void end_pass(const PassInfo& pass, double latency) override { inner_->end_pass(pass, latency); }
+  int counts_calls = 0;
+
+ private:
+  RoutingSink* inner_;
+  int num_experts_;
+};
+
+TEST_F(RecorderTest, CountsPathRecordsWhatTheRoutesPathRecords) {
+  // stat and per_pass need only per-expert totals; per_token needs the routes. Each mode, and the
+  // per-pass JSONL, record the same through on_counts as through on_layer.
+  for (RecordingMode mode : {RecordingMode::Stat, RecordingMode::PerPass, RecordingMode::PerToken}) {
+    SCOPED_TRACE(to_string(mode));
+    test::TempDir tmp;
+    ExpertRecorder by_routes(shape_), by_counts(shape_);
+    PassLog log_routes(tmp / "routes_path.jsonl", shape_), log_counts(tmp / "counts_path.jsonl", shape_);
+    for (ExpertRecorder* r : {&by_routes, &by_counts}) {
+      r->configure(mode);
+      r->start();
+    }
+    EXPECT_TRUE(by_counts.wants_pass());
+    EXPECT_EQ(by_counts.counts_suffice(), mode != RecordingMode::PerToken);
+    SinkFanout routes_sinks, counts_sinks;
+    routes_sinks.add(&by_routes);
+    routes_sinks.add(&log_routes);
+    counts_sinks.add(&by_counts);
+    counts_sinks.add(&log_counts);
+    TallyingBackendSink tallying(&counts_sinks, shape_.num_experts);
+    run(&routes_sinks, 5, 4);
+    run(&tallying, 5, 4);
+    EXPECT_EQ(tallying.counts_calls > 0, mode != RecordingMode::PerToken);  // the fanout asks every sink
+    for (ExpertRecorder* r : {&by_routes, &by_counts}) r->stop();
+    log_routes.writer().close();
+    log_counts.writer().close();
+    Json a = Json::parse(by_routes.dump()), b = Json::parse(by_counts.dump());
+    EXPECT_EQ(a["counts"], b["counts"]);
+    EXPECT_EQ(a["weight_sums"], b["weight_sums"]);
+    if (mode == RecordingMode::PerPass) {
+      ASSERT_EQ(a["records"].size(), b["records"].size());
+      for (size_t i = 0; i < a["records"].size(); ++i)
+        EXPECT_EQ(a["records"][i]["activated_experts"], b["records"][i]["activated_experts"]) << "pass " << i;
+    }
+    const auto la = read_jsonl(tmp / "routes_path.jsonl"), lb = read_jsonl(tmp / "counts_path.jsonl");
+    ASSERT_EQ(la.size(), lb.size());
+    ASSERT_FALSE(la.empty());
+    for (size_t i = 0; i < la.size(); ++i) EXPECT_EQ(la[i]["activated_experts"], lb[i]["activated_experts"]) << "line " << i;
+  }
+}
+
 // --- the state machine ------------------------------------------------------------------------------
 
 TEST_F(RecorderTest, StateMachineRefusesWhatItShouldAndChangesNothing) {

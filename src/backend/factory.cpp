@@ -9,6 +9,7 @@
 #include "util/error.h"
 
 #ifdef MOESCOPE_HAS_CUDA
+#include "backend/cuda/blas.h"
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/device.h"
 #include "backend/cuda/kernels.h"
@@ -88,6 +89,18 @@ DeviceBandwidth measure_device_bandwidth(const std::string& device) {
   (void)device;
   const cpu::BandwidthSample s = cpu::measure_read_bandwidth();
   return {s.best_gb_per_s, s.median_gb_per_s, s.min_gb_per_s, s.bytes, s.repeats, "streaming read, every OpenMP thread", 0.0};
+}
+
+DeviceCompute measure_device_compute(const std::string& device) {
+#ifdef MOESCOPE_HAS_CUDA
+  if (resolve_device(device) == "cuda") {
+    const cuda::GemmSample s = cuda::measure_gemm_tflops();
+    return {s.best_tflops, s.median_tflops,
+            fmt::format("cuBLAS bf16 GEMM {0}x{0}x{0}, f32 output, {1} runs timed with CUDA events", s.n, s.repeats)};
+  }
+#endif
+  (void)device;
+  return {};
 }
 
 }  // namespace moescope

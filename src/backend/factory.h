@@ -38,4 +38,12 @@ struct DeviceBandwidth {
 };
 DeviceBandwidth measure_device_bandwidth(const std::string& device);
 
+// The GPU's bf16 tensor-core rate reached by cuBLAS on a large square product, in TFLOP/s (best,
+// median); zeros on the CPU, where no such ceiling is measured.
+struct DeviceCompute {
+  double best_tflops = 0.0, median_tflops = 0.0;
+  std::string method;
+};
+DeviceCompute measure_device_compute(const std::string& device);
+
 }  // namespace moescope

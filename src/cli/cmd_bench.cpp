@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <random>
 #include <set>
 
@@ -15,6 +16,8 @@
 #include "cli/commands.h"
 #include "cli/bench_recording.h"
 #include "cli/device.h"
+#include "engine/engine.h"
+#include "engine/loaded_model.h"
 #include "engine/sampler.h"
 #include "model/make_model.h"
 #include "util/error.h"
@@ -28,6 +31,7 @@ struct BenchArgs {
   std::vector<std::string> presets;
   int prompt_tokens = 128;
   int prefill_tokens = 0;  // 0: prompt_tokens
+  std::vector<std::string> prefill_shapes;  // "SxN": S sequences of N tokens in one pass (default 1x prefill_tokens)
   int decode_tokens = 32;
   std::vector<int> batch_sizes = {1, 4, 16};
   int repeats = 5;
@@ -47,13 +51,18 @@ Spread spread(std::vector<double> v) {
   return {v[v.size() / 2], v.front(), v.back()};
 }
 
-// Counts, per pass, the bytes of routed-expert weights read: distinct experts per MoE layer.
+// Counts, per pass, the bytes of routed-expert weights read: distinct experts per MoE layer. Per-expert
+// counts are all it needs, so on the GPU it takes the tallies the router kernels keep.
 class ExpertBytesSink : public RoutingSink {
  public:
   explicit ExpertBytesSink(size_t bytes_per_expert) : bytes_per_expert_(bytes_per_expert) {}
+  bool counts_suffice() const override { return true; }
   void on_layer(int, int num_tokens, int top_k, std::span<const int32_t> ids, std::span<const float>) override {
     std::set<int32_t> distinct(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(num_tokens) * top_k);
     bytes += distinct.size() * bytes_per_expert_;
+  }
+  void on_counts(int, std::span<const int64_t> counts, std::span<const double>) override {
+    bytes += static_cast<size_t>(std::count_if(counts.begin(), counts.end(), [](int64_t n) { return n > 0; })) * bytes_per_expert_;
   }
   size_t bytes = 0;
 
@@ -67,9 +76,37 @@ uint64_t fnv1a(const std::vector<int32_t>& ids, uint64_t h = 0xcbf29ce484222325u
   return h;
 }
 
+// Floating-point operations of one forward pass over `seqs` fresh sequences of n tokens each: every
+// product a token goes through (projections, router, its top-k experts and the shared expert, or the dense
+// MLP), causal attention (each query against the keys up to it), and the LM head on each last row.
+double forward_flops(const ModelConfig& c, int seqs, int n) {
+  const double h = c.hidden_size, tokens = static_cast<double>(seqs) * n;
+  double per_token = 0.0, attention = 0.0;
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    per_token += 2.0 * h * (c.q_size() + 2 * c.kv_size()) + 2.0 * c.q_size() * h;
+    if (c.layer_is_moe[static_cast<size_t>(l)]) {
+      per_token += 2.0 * h * c.num_experts + 6.0 * h * c.moe_intermediate_size * c.num_experts_per_tok;
+      if (c.has_shared_expert()) per_token += 6.0 * h * c.shared_expert_intermediate_size + 2.0 * h;
+    } else {
+      per_token += 6.0 * h * c.intermediate_size;
+    }
+    attention += 2.0 * 2.0 * c.q_size() * (static_cast<double>(n) * (n + 1) / 2.0) * seqs;  // QK^T and PV
+  }
+  return per_token * tokens + attention + 2.0 * h * c.vocab_size * seqs;
+}
+
+std::pair<int, int> parse_prefill_shape(const std::string& text) {
+  int s = 0, n = 0;
+  char x = 0, rest = 0;
+  if (std::sscanf(text.c_str(), "%d%c%d%c", &s, &x, &n, &rest) != 3 || (x != 'x' && x != 'X') || s < 1 || n < 1)
+    fail("bench: --prefill {}: expected SEQSxTOKENS, e.g. 1x2048 or 16x512", text);
+  return {s, n};
+}
+
 Json bench_model(const std::filesystem::path& dir, const std::string& label, const BenchArgs& a, const std::string& device,
-                 double bandwidth_gb_s) {
-  auto weights = std::make_shared<const ModelWeights>(ModelWeights::load(dir));
+                 double bandwidth_gb_s, double peak_tflops) {
+  const LoadedModel model = load_model(dir);
+  const std::shared_ptr<const ModelWeights>& weights = model.weights;
   const ModelConfig& c = weights->config;
   // Bytes per weight as the device holds them: the file's dtype on the CPU, bf16 on the GPU.
   const size_t dsize = device == "cuda" ? 2 : dtype_size(weights->embed_tokens.dtype);
@@ -100,28 +137,53 @@ Json bench_model(const std::filesystem::path& dir, const std::string& label, con
     return p;
   };
 
-  // Prefill: one sequence of prefill_tokens (a first, untimed run warms the device up).
-  {
-    const int prefill_tokens = a.prefill_tokens > 0 ? a.prefill_tokens : a.prompt_tokens;
-    std::vector<int32_t> prompt(prefill_tokens);
-    for (auto& t : prompt) t = token(rng);
-    std::vector<double> rates;
+  // Prefill: S sequences of N tokens in one pass, for each shape (a first, untimed run warms up).
+  // Time to first token: one request of N tokens through an idle engine, until its first token is sampled.
+  std::vector<std::string> shapes = a.prefill_shapes;
+  if (shapes.empty()) shapes.push_back(fmt::format("1x{}", a.prefill_tokens > 0 ? a.prefill_tokens : a.prompt_tokens));
+  Json prefills = Json::array();
+  for (const std::string& shape : shapes) {
+    const auto [seqs, n] = parse_prefill_shape(shape);
+    std::vector<std::vector<int32_t>> prompts(static_cast<size_t>(seqs), std::vector<int32_t>(static_cast<size_t>(n)));
+    for (auto& p : prompts)
+      for (auto& t : p) t = token(rng);
+    std::vector<double> rates, ttft;
     for (int r = 0; r < a.repeats + 1; ++r) {
       Batch batch;
-      const int cache = backend->create_cache();
-      batch.sequences.push_back({cache, 0, prompt, "p"});
+      for (int s = 0; s < seqs; ++s) batch.sequences.push_back({backend->create_cache(), 0, prompts[static_cast<size_t>(s)], fmt::format("p{}", s)});
       std::vector<float> logits;
       const auto t0 = std::chrono::steady_clock::now();
       backend->forward(batch, nullptr, logits);
       const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      backend->free_cache(cache);
-      if (r > 0) rates.push_back(prefill_tokens / seconds);
+      for (const BatchSequence& s : batch.sequences) backend->free_cache(s.cache_id);
+      if (r > 0) rates.push_back(static_cast<double>(seqs) * n / seconds);
+      if (seqs == 1) {
+        Engine engine(*backend, EngineOptions{1, {}});
+        const auto e0 = std::chrono::steady_clock::now();
+        engine.add_request({"ttft", prompts[0], SamplingParams{}, 1, true});
+        engine.run_to_completion();
+        if (r > 0) ttft.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - e0).count());
+      }
     }
     const Spread s = spread(rates);
-    fmt::print("prefill 1x{:<5}  {:10.1f} tok/s  (min {:.1f}, max {:.1f} over {} runs)\n", prefill_tokens, s.median, s.min,
-               s.max, a.repeats);
-    result["prefill"] = {{"tokens", prefill_tokens}, {"tokens_per_s_median", s.median}, {"min", s.min}, {"max", s.max}};
+    const double tflops = forward_flops(c, seqs, n) * s.median / (static_cast<double>(seqs) * n) / 1e12;
+    fmt::print("prefill {:>8}  {:10.1f} tok/s  (min {:.1f}, max {:.1f} over {} runs)  {:7.1f} TFLOP/s{}", shape, s.median,
+               s.min, s.max, a.repeats, tflops,
+               peak_tflops > 0 ? fmt::format(" = {:.2f} of the measured bf16 GEMM rate", tflops / peak_tflops) : "");
+    Json row = {{"shape", shape}, {"sequences", seqs}, {"tokens", n}, {"tokens_per_s_median", s.median}, {"min", s.min},
+                {"max", s.max}, {"tflops", tflops}};
+    if (peak_tflops > 0) row["ratio_to_gemm_peak"] = tflops / peak_tflops;
+    if (!ttft.empty()) {
+      const Spread t = spread(ttft);
+      fmt::print(";  time to first token {:.2f} ms (min {:.2f}, max {:.2f})", t.median * 1e3, t.min * 1e3, t.max * 1e3);
+      row["ttft_ms_median"] = t.median * 1e3;
+      row["ttft_ms_min"] = t.min * 1e3;
+      row["ttft_ms_max"] = t.max * 1e3;
+    }
+    fmt::print("\n");
+    prefills.push_back(std::move(row));
   }
+  result["prefill"] = prefills;
 
   // Decode: batch_size sequences, each after a prompt of prompt_tokens, decode_tokens greedy steps.
   fmt::print("{:>6} {:>12} {:>22} {:>14} {:>14} {:>8}\n", "batch", "decode tok/s", "(min, max)", "weight MB/step",
@@ -179,6 +241,7 @@ Json bench_model(const std::filesystem::path& dir, const std::string& label, con
   fmt::print("checksum of generated ids: {:016x}\n", checksum);
   result["decode"] = decode;
   result["checksum"] = fmt::format("{:016x}", checksum);
+  if (a.recording_overhead) result["recording_overhead"] = bench_recording_overhead(model, *backend, a.overhead);
   return result;
 }
 
@@ -202,20 +265,19 @@ void run_bench(const BenchArgs& a) {
              bw.best_gb_per_s, bw.median_gb_per_s, bw.min_gb_per_s, bw.repeats, bw.bytes / 1e6, bw.method);
   if (bw.copy_best_gb_per_s > 0)
     fmt::print("device-to-device copy kernel: {:.2f} GB/s best (bytes read + written), for comparison\n", bw.copy_best_gb_per_s);
+  const DeviceCompute compute = measure_device_compute(device);
+  if (compute.best_tflops > 0)
+    fmt::print("bf16 tensor-core rate: {:.1f} TFLOP/s best, {:.1f} median ({}); prefill is set against the best\n",
+               compute.best_tflops, compute.median_tflops, compute.method);
   Json report = {{"command", a.command_line}, {"cpu", cpu}, {"threads", omp_get_max_threads()}, {"device", device},
                  {"gpu", gpu},
                  {"bandwidth_gb_per_s", {{"best", bw.best_gb_per_s}, {"median", bw.median_gb_per_s}, {"min", bw.min_gb_per_s},
                                          {"method", bw.method}, {"copy_best", bw.copy_best_gb_per_s}}},
+                 {"gemm_tflops", {{"best", compute.best_tflops}, {"median", compute.median_tflops}, {"method", compute.method}}},
                  {"models", Json::array()}};
 
   auto bench_dir = [&](const std::filesystem::path& dir, const std::string& label) {
-    Json result = bench_model(dir, label, a, device, bw.best_gb_per_s);
-    if (a.recording_overhead) {
-      const LoadedModel m = load_model(dir);
-      result["recording_overhead"] = bench_recording_overhead(
-          m, [&] { return make_backend(device, m.weights, a.backend_options); }, a.overhead);
-    }
-    report["models"].push_back(std::move(result));
+    report["models"].push_back(bench_model(dir, label, a, device, bw.best_gb_per_s, compute.best_tflops));
   };
   if (!a.model.empty() || a.presets.empty()) {  // no model and no preset: the model shipped in models/
     const std::filesystem::path dir = a.model.empty() ? default_model_dir() : std::filesystem::path(a.model);
@@ -250,6 +312,8 @@ void add_bench(CLI::App& app) {
   cmd->add_option("--prompt-tokens", args->prompt_tokens, "Prompt length before the decode steps")->capture_default_str();
   cmd->add_option("--prefill-tokens", args->prefill_tokens, "Prompt length of the prefill figure (0: --prompt-tokens)")
       ->capture_default_str();
+  cmd->add_option("--prefill", args->prefill_shapes, "Prefill shapes SEQSxTOKENS, e.g. 1x2048,16x512 (default: 1x --prefill-tokens)")
+      ->delimiter(',');
   cmd->add_option("--decode-tokens", args->decode_tokens, "Decode steps timed per run")->capture_default_str();
   cmd->add_option("--batch", args->batch_sizes, "Decode batch sizes")->delimiter(',')->capture_default_str();
   cmd->add_option("--repeats", args->repeats, "Runs per figure (median and spread are reported)")->capture_default_str();

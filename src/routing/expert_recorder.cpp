@@ -110,12 +110,22 @@ int64_t ExpertRecorder::num_records_locked() const {
 
 // --- the engine thread ---------------------------------------------------------------------------
 
+bool ExpertRecorder::wants_pass() {
+  if (!recording_.load(std::memory_order_acquire)) return false;
+  std::lock_guard lock(mutex_);
+  pass_epoch_ = epoch_;
+  pass_mode_ = mode_;
+  pass_latched_ = true;
+  return true;
+}
+
 void ExpertRecorder::begin_pass(const PassInfo& pass) {
-  {
+  if (!pass_latched_) {  // a caller that did not ask wants_pass() first
     std::lock_guard lock(mutex_);
     pass_epoch_ = epoch_;
     pass_mode_ = mode_;
   }
+  pass_latched_ = false;
   std::fill(pass_counts_.begin(), pass_counts_.end(), 0);
   std::fill(pass_weight_sums_.begin(), pass_weight_sums_.end(), 0.0);
   activation_.begin(static_cast<int>(shape_.moe_layers.size()), shape_.num_experts);
@@ -135,6 +145,17 @@ void ExpertRecorder::on_layer(int layer, int num_tokens, int top_k, std::span<co
   }
   activation_.add(m, topk_ids.first(n));
   if (pass_mode_ == RecordingMode::PerToken) pass_routes_.add_layer(layer, topk_ids.first(n), topk_weights.first(n));
+}
+
+void ExpertRecorder::on_counts(int layer, std::span<const int64_t> counts, std::span<const double> weight_sums) {
+  const int m = shape_.moe_index(layer);
+  if (m < 0 || counts.size() != static_cast<size_t>(shape_.num_experts) || weight_sums.size() != counts.size()) return;
+  const size_t base = static_cast<size_t>(m) * shape_.num_experts;
+  for (size_t e = 0; e < counts.size(); ++e) {
+    pass_counts_[base + e] += counts[e];
+    pass_weight_sums_[base + e] += weight_sums[e];
+  }
+  activation_.add_counts(m, counts);
 }
 
 namespace {

@@ -63,10 +63,15 @@ class ExpertRecorder final : public RoutingSink {
   int rank() const { return rank_; }
 
   // RoutingSink, on the engine thread.
-  bool wants_pass() override { return recording_.load(std::memory_order_acquire); }
+  // A pass takes the recording's mode and epoch when it is asked for (wants_pass), so that what the
+  // backend copies for it (counts_suffice: stat and per_pass need only per-expert totals) is what the
+  // mode records, whatever control calls come while it runs.
+  bool wants_pass() override;
+  bool counts_suffice() const override { return pass_mode_ != RecordingMode::PerToken; }
   void begin_pass(const PassInfo& pass) override;
   void on_layer(int layer, int num_tokens, int top_k, std::span<const int32_t> topk_ids,
                 std::span<const float> topk_weights) override;
+  void on_counts(int layer, std::span<const int64_t> counts, std::span<const double> weight_sums) override;
   void end_pass(const PassInfo& pass, double latency_seconds) override;
 
  private:
@@ -94,6 +99,7 @@ class ExpertRecorder final : public RoutingSink {
   std::shared_ptr<JsonlWriter> token_stream_;
 
   // Engine thread only: the pass in flight.
+  bool pass_latched_ = false;                // wants_pass() took the mode and epoch for the coming pass
   uint64_t pass_epoch_ = 0;
   RecordingMode pass_mode_ = RecordingMode::Stat;
   std::vector<int64_t> pass_counts_;         // [moe layers, num_experts]

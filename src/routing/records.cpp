@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <numeric>
@@ -47,6 +48,11 @@ void ActivationCounter::begin(int num_moe_layers, int num_experts) {
     seen_.assign(static_cast<size_t>(num_experts), 0);
     stamp_ = 0;
   }
+}
+
+void ActivationCounter::add_counts(int moe_index, std::span<const int64_t> counts) {
+  activated_[static_cast<size_t>(moe_index)] =
+      static_cast<int>(std::count_if(counts.begin(), counts.end(), [](int64_t n) { return n > 0; }));
 }
 
 void ActivationCounter::add(int moe_index, std::span<const int32_t> topk_ids) {

@@ -35,6 +35,7 @@ class ActivationCounter {
  public:
   void begin(int num_moe_layers, int num_experts);
   void add(int moe_index, std::span<const int32_t> topk_ids);
+  void add_counts(int moe_index, std::span<const int64_t> counts);  // per-expert counts of one MoE layer
   const std::vector<int>& activated() const { return activated_; }
 
  private:

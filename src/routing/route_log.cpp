@@ -115,6 +115,11 @@ void PassLog::on_layer(int layer, int num_tokens, int top_k, std::span<const int
   if (m >= 0) activation_.add(m, topk_ids.first(static_cast<size_t>(num_tokens) * top_k));
 }
 
+void PassLog::on_counts(int layer, std::span<const int64_t> counts, std::span<const double>) {
+  const int m = shape_.moe_index(layer);
+  if (m >= 0) activation_.add_counts(m, counts);
+}
+
 void PassLog::end_pass(const PassInfo& pass, double latency_seconds) {
   PassRecord record{pass.forward_pass_id, rank_, pass.forward_mode, pass.batch_size, pass.num_tokens,
                     pass.seq_lens_sum, latency_seconds, activation_.activated()};

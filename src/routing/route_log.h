@@ -61,9 +61,11 @@ class PassLog final : public RoutingSink {
   JsonlWriter& writer() { return *writer_; }
 
   bool wants_pass() override { return !writer_->failed(); }
+  bool counts_suffice() const override { return true; }  // it writes per-layer activated experts only
   void begin_pass(const PassInfo& pass) override;
   void on_layer(int layer, int num_tokens, int top_k, std::span<const int32_t> topk_ids,
                 std::span<const float> topk_weights) override;
+  void on_counts(int layer, std::span<const int64_t> counts, std::span<const double> weight_sums) override;
   void end_pass(const PassInfo& pass, double latency_seconds) override;
 
  private:

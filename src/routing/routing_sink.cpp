@@ -25,6 +25,14 @@ bool SinkFanout::wants_pass() {
   return !active_.empty();
 }
 
+bool SinkFanout::counts_suffice() const {
+  return std::all_of(active_.begin(), active_.end(), [](const RoutingSink* s) { return s->counts_suffice(); });
+}
+
+void SinkFanout::on_counts(int layer, std::span<const int64_t> counts, std::span<const double> weight_sums) {
+  for (RoutingSink* s : active_) s->on_counts(layer, counts, weight_sums);
+}
+
 void SinkFanout::begin_pass(const PassInfo& pass) {
   for (RoutingSink* s : active_) s->begin_pass(pass);
 }

@@ -43,11 +43,23 @@ class RoutingSink {
   virtual ~RoutingSink() = default;
   // Asked once before each pass; false skips the pass (no PassInfo is built, no call follows).
   virtual bool wants_pass() { return true; }
+  // Asked after a pass that wants_pass() took: true when per-expert totals of each MoE layer are all the
+  // sink needs (on_counts), so a backend that keeps them on the device copies those instead of every
+  // token's routes. A backend may still call on_layer (the CPU backend always does): such a sink takes
+  // both.
+  virtual bool counts_suffice() const { return false; }
   virtual void begin_pass(const PassInfo& pass) { (void)pass; }
   // topk_ids and topk_weights: [num_tokens, top_k], row-major; valid only during the call.
   // Called once per MoE layer of the pass, in layer order.
   virtual void on_layer(int layer, int num_tokens, int top_k, std::span<const int32_t> topk_ids,
                         std::span<const float> topk_weights) = 0;
+  // Instead of on_layer, when counts_suffice(): counts[e] is how many of the pass's tokens chose expert
+  // e in this MoE layer, weight_sums[e] the sum of their routing weights. Once per MoE layer, in order.
+  virtual void on_counts(int layer, std::span<const int64_t> counts, std::span<const double> weight_sums) {
+    (void)layer;
+    (void)counts;
+    (void)weight_sums;
+  }
   virtual void end_pass(const PassInfo& pass, double latency_seconds) {
     (void)pass;
     (void)latency_seconds;
@@ -60,9 +72,11 @@ class SinkFanout final : public RoutingSink {
   void add(RoutingSink* sink) { sinks_.push_back(sink); }
   bool empty() const { return sinks_.empty(); }
   bool wants_pass() override;
+  bool counts_suffice() const override;  // when it suffices for every sink of the pass
   void begin_pass(const PassInfo& pass) override;
   void on_layer(int layer, int num_tokens, int top_k, std::span<const int32_t> topk_ids,
                 std::span<const float> topk_weights) override;
+  void on_counts(int layer, std::span<const int64_t> counts, std::span<const double> weight_sums) override;
   void end_pass(const PassInfo& pass, double latency_seconds) override;
 
  private:

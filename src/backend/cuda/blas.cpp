@@ -1,5 +1,8 @@
 #include "backend/cuda/blas.h"
 
+#include <algorithm>
+#include <vector>
+
 #include "backend/cuda/cuda_check.h"
 
 namespace moescope::cuda {
@@ -21,6 +24,39 @@ void Blas::gemm(float* y, int ldy, const bf16* x, const bf16* w, int num_tokens,
   // column-major [k, n] matrix, so it enters transposed.
   CUBLAS_CHECK(cublasGemmEx(handle_, CUBLAS_OP_T, CUBLAS_OP_N, n, num_tokens, k, &alpha, w, CUDA_R_16BF, k, x,
                             CUDA_R_16BF, k, &beta, y, CUDA_R_32F, ldy, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+GemmSample measure_gemm_tflops(int n, int repeats) {
+  const size_t elements = static_cast<size_t>(n) * n;
+  DeviceBuffer<bf16> a(elements), b(elements);
+  DeviceBuffer<float> c(elements);
+  CUDA_CHECK(cudaMemset(a.data(), 0x3c, a.bytes()));  // bf16 0x3c3c, about 0.0115: finite products
+  CUDA_CHECK(cudaMemset(b.data(), 0x3c, b.bytes()));
+  cudaStream_t stream = nullptr;
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaEvent_t start = nullptr, stop = nullptr;
+  CUDA_CHECK(cudaEventCreate(&start));
+  CUDA_CHECK(cudaEventCreate(&stop));
+  std::vector<double> rates;
+  {
+    Blas blas;
+    blas.set_stream(stream);
+    blas.gemm(c.data(), n, a.data(), b.data(), n, n, n, 0.0f);  // warm-up: picks the algorithm, loads the module
+    for (int r = 0; r < repeats; ++r) {
+      CUDA_CHECK(cudaEventRecord(start, stream));
+      blas.gemm(c.data(), n, a.data(), b.data(), n, n, n, 0.0f);
+      CUDA_CHECK(cudaEventRecord(stop, stream));
+      CUDA_CHECK(cudaEventSynchronize(stop));
+      float ms = 0.0f;
+      CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+      rates.push_back(2.0 * n * static_cast<double>(n) * n / (ms * 1e-3) / 1e12);
+    }
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  cudaStreamDestroy(stream);
+  std::sort(rates.begin(), rates.end());
+  return {rates.back(), rates[rates.size() / 2], n, repeats};
 }
 
 }  // namespace moescope::cuda

@@ -26,4 +26,12 @@ class Blas {
   DeviceBuffer<char> workspace_;  // cuBLAS's own workspace, so that products captured in a graph allocate nothing
 };
 
+// The device's bf16 tensor-core rate as cuBLAS reaches it on a large square product (n x n x n, bf16 in,
+// f32 out): the compute ceiling prefill figures are set against, measured in the same run.
+struct GemmSample {
+  double best_tflops = 0.0, median_tflops = 0.0;
+  int n = 0, repeats = 0;
+};
+GemmSample measure_gemm_tflops(int n = 8192, int repeats = 10);
+
 }  // namespace moescope::cuda

@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <set>
 #include <unordered_map>
 
@@ -171,6 +172,7 @@ struct PassBuffers {
   bf16* h_last_bf16 = nullptr;     // [S, hidden]
   float* logits = nullptr;         // [S, vocab]
   int32_t* routes = nullptr;       // [2, num_moe_layers, T, top_k]: ids, then weights (f32 bits)
+  unsigned long long* tallies = nullptr;  // [2, num_moe_layers, num_experts]: selections, then weight sums (2^-32)
 };
 
 }  // namespace
@@ -205,6 +207,9 @@ struct CudaBackend::Impl {
   PinnedBuffer<int32_t> meta_host;
   PinnedBuffer<float> logits_host;
   PinnedBuffer<int32_t> routes_host;
+  PinnedBuffer<unsigned long long> tallies_host;
+  std::vector<int64_t> layer_counts;  // one MoE layer's tallies for RoutingSink::on_counts
+  std::vector<double> layer_weight_sums;
 
   Impl(std::shared_ptr<const ModelWeights> w, CudaBackendOptions o) : weights(std::move(w)), options(o), c(weights->config) {}
   ~Impl() {
@@ -424,6 +429,7 @@ PassBuffers CudaBackend::Impl::carve(Arena& a, int num_tokens, int num_seqs, siz
   p.h_last_bf16 = a.take<bf16>(S * hidden);
   p.logits = a.take<float>(S * static_cast<size_t>(c.vocab_size));
   p.routes = a.take<int32_t>(2 * moe_layers.size() * T * top_k);
+  p.tallies = a.take<unsigned long long>(2 * moe_layers.size() * static_cast<size_t>(std::max(c.num_experts, 0)));
   return p;
 }
 
@@ -500,6 +506,9 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
                                                             : QkNormKind::None;
 
   mark("start");
+  const size_t tally_count = moe_layers.size() * static_cast<size_t>(c.num_experts);
+  if (tally_count > 0)  // the router kernels add every selection into these: the recorder's counts, always on
+    CUDA_CHECK(cudaMemsetAsync(p.tallies, 0, 2 * tally_count * sizeof(unsigned long long), stream));
   embed(p.x, embed_tokens, d_token_ids, T, hidden, stream);                                   // embeddings
   mark("embed");
   FfnFold pending;  // the previous layer's feed-forward output, added by the next RMSNorm
@@ -533,8 +542,10 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
       float* weights_l = route_weights + static_cast<size_t>(moe_index) * num_pairs;
       float* shared_gate = c.has_shared_expert() ? p.shared_gate : nullptr;
       const int slots_l = top_k + (c.has_shared_expert() ? 1 : 0);
+      unsigned long long* tally_l = p.tallies + static_cast<size_t>(moe_index) * c.num_experts;
       const bool grouped = router_topk(ids, weights_l, shared_gate, p.h, L.router, T, hidden, c.num_experts, top_k,
-                                       c.norm_topk_prob, stream, &groups);                     // routes -> pass buffer
+                                       c.norm_topk_prob, stream, &groups,
+                                       {tally_l, tally_l + tally_count});                      // routes -> pass buffer
       mark("router_topk");
       if (!grouped) align_by_expert(groups, ids, num_pairs, c.num_experts, stream);           // pairs by expert
       mark("align_by_expert");
@@ -587,6 +598,7 @@ void CudaBackend::Impl::forward(const Batch& batch, RoutingSink* sink, std::vect
   const int num_seqs = static_cast<int>(batch.sequences.size());
   if (num_seqs == 0) fail("forward: empty batch");
   if (sink != nullptr && !sink->wants_pass()) sink = nullptr;  // nothing records this pass: no route copy
+  const bool want_routes = sink != nullptr && !sink->counts_suffice();
 
   // Check the batch and give every sequence the cache blocks its new positions need.
   int num_tokens = 0, max_blocks = 0, num_decode = 0, num_tiles = 0;
@@ -718,13 +730,22 @@ void CudaBackend::Impl::forward(const Batch& batch, RoutingSink* sink, std::vect
   const size_t num_logits = static_cast<size_t>(S) * c.vocab_size;
   if (logits_host.size() < num_logits) logits_host = PinnedBuffer<float>(num_logits);
   CUDA_CHECK(cudaMemcpyAsync(logits_host.data(), p.logits, num_logits * sizeof(float), cudaMemcpyDeviceToHost, stream));
+  // The pass's one copy of what its sink records: every token's routes, or only the per-layer tallies
+  // the router kernels kept (M x E selections and weight sums, whatever the number of tokens).
   const int num_pairs = T * top_k;
   const size_t route_ints = 2 * moe_layers.size() * static_cast<size_t>(num_pairs);
-  if (sink != nullptr && route_ints > 0) {  // the pass's one copy of its routes
+  const size_t tally_count = moe_layers.size() * static_cast<size_t>(c.num_experts);
+  if (want_routes && route_ints > 0) {
     if (routes_host.size() < route_ints) routes_host = PinnedBuffer<int32_t>(route_ints);
     CUDA_CHECK(cudaMemcpyAsync(routes_host.data(), p.routes, route_ints * sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
+  } else if (sink != nullptr && tally_count > 0) {
+    if (tallies_host.size() < 2 * tally_count) tallies_host = PinnedBuffer<unsigned long long>(2 * tally_count);
+    CUDA_CHECK(cudaMemcpyAsync(tallies_host.data(), p.tallies, 2 * tally_count * sizeof(unsigned long long),
+                               cudaMemcpyDeviceToHost, stream));
   }
   mark("copy_out");
+  std::optional<PassInfo> pass;  // built while the GPU works
+  if (sink != nullptr) pass = make_pass_info(batch);
   CUDA_CHECK(cudaStreamSynchronize(stream));
   collect_marks(sh);
 
@@ -739,15 +760,29 @@ void CudaBackend::Impl::forward(const Batch& batch, RoutingSink* sink, std::vect
     caches.at(seq.cache_id).length = seq.start_pos + static_cast<int32_t>(seq.tokens.size());
 
   if (sink != nullptr) {
-    const PassInfo pass = make_pass_info(batch);
-    sink->begin_pass(pass);
-    const int32_t* host_ids = routes_host.data();
-    const auto* host_weights = reinterpret_cast<const float*>(host_ids + moe_layers.size() * static_cast<size_t>(num_pairs));
-    for (size_t m = 0; m < moe_layers.size(); ++m)
-      sink->on_layer(moe_layers[m], T, top_k,
-                     std::span<const int32_t>(host_ids + m * num_pairs, static_cast<size_t>(num_pairs)),
-                     std::span<const float>(host_weights + m * num_pairs, static_cast<size_t>(num_pairs)));
-    sink->end_pass(pass, std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
+    sink->begin_pass(*pass);
+    if (want_routes) {
+      const int32_t* host_ids = routes_host.data();
+      const auto* host_weights = reinterpret_cast<const float*>(host_ids + moe_layers.size() * static_cast<size_t>(num_pairs));
+      for (size_t m = 0; m < moe_layers.size(); ++m)
+        sink->on_layer(moe_layers[m], T, top_k,
+                       std::span<const int32_t>(host_ids + m * num_pairs, static_cast<size_t>(num_pairs)),
+                       std::span<const float>(host_weights + m * num_pairs, static_cast<size_t>(num_pairs)));
+    } else {
+      const size_t E = static_cast<size_t>(c.num_experts);
+      layer_counts.resize(E);
+      layer_weight_sums.resize(E);
+      for (size_t m = 0; m < moe_layers.size(); ++m) {
+        const unsigned long long* counts = tallies_host.data() + m * E;
+        const unsigned long long* sums = counts + tally_count;
+        for (size_t e = 0; e < E; ++e) {
+          layer_counts[e] = static_cast<int64_t>(counts[e]);
+          layer_weight_sums[e] = static_cast<double>(sums[e]) * k_weight_sum_unit;
+        }
+        sink->on_counts(moe_layers[m], layer_counts, layer_weight_sums);
+      }
+    }
+    sink->end_pass(*pass, std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
   }
 }
 

@@ -104,9 +104,17 @@ void attention(float* out, bf16* out_bf16, const float* q, const bf16* k_cache, 
 struct ExpertGroups;
 // With groups given and a single token (a batch-1 decode), the same kernel also groups its pairs by
 // expert (what align_by_expert does) and the function returns true: one launch fewer per MoE layer.
+// With counts given, the kernel also adds each chosen expert's selection and routing weight into one MoE
+// layer's running totals (the recorder's stat and per_pass figures, with no launch of their own).
+struct ExpertCounts {
+  unsigned long long* counts = nullptr;        // [num_experts] selections
+  unsigned long long* weight_sums = nullptr;   // [num_experts] routing weights in units of 2^-32 (integer
+                                               // atomics: the same sums in any order)
+};
+constexpr double k_weight_sum_unit = 1.0 / 4294967296.0;  // 2^-32
 bool router_topk(int32_t* topk_ids, float* topk_weights, float* shared_gate, const float* x, const bf16* w,
                  int num_tokens, int hidden, int num_experts, int top_k, bool norm_topk_prob, cudaStream_t stream,
-                 const ExpertGroups* groups = nullptr);
+                 const ExpertGroups* groups = nullptr, ExpertCounts counts = {});
 
 // Token-expert pairs (pair p = t * top_k + j) grouped by expert, written by align_by_expert.
 struct ExpertGroups {

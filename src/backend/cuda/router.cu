@@ -17,7 +17,7 @@ constexpr int k_max_top_k = 32;
 __global__ void __launch_bounds__(1024)
     router_topk_kernel(int32_t* topk_ids, float* topk_weights, float* shared_gate, const float* x, const bf16* w,
                        int hidden, int num_experts, int top_k, bool norm_topk_prob, ExpertGroups g,
-                       bool group_single_token) {
+                       bool group_single_token, ExpertCounts counts) {
   extern __shared__ float probs[];
   __shared__ int32_t chosen_ids[k_max_top_k];
   __shared__ float chosen_weights[k_max_top_k];
@@ -83,9 +83,13 @@ __global__ void __launch_bounds__(1024)
     float chosen_sum = 0.0f;
     for (int j = 0; j < top_k; ++j) chosen_sum += chosen_weights[j];
     for (int j = 0; j < top_k; ++j) {
+      const float weight = norm_topk_prob ? chosen_weights[j] / chosen_sum : chosen_weights[j];
       topk_ids[static_cast<int64_t>(t) * top_k + j] = chosen_ids[j];
-      topk_weights[static_cast<int64_t>(t) * top_k + j] =
-          norm_topk_prob ? chosen_weights[j] / chosen_sum : chosen_weights[j];
+      topk_weights[static_cast<int64_t>(t) * top_k + j] = weight;
+      if (counts.counts != nullptr) {
+        atomicAdd(&counts.counts[chosen_ids[j]], 1);
+        atomicAdd(&counts.weight_sums[chosen_ids[j]], __float2ull_rn(weight * 4294967296.0f));
+      }
     }
     if (shared_gate != nullptr) shared_gate[t] = 1.0f / (1.0f + expf(-probs[num_experts]));
   }
@@ -175,7 +179,7 @@ ExpertGroups carve_expert_groups(int32_t* memory, int num_pairs, int num_experts
 
 bool router_topk(int32_t* topk_ids, float* topk_weights, float* shared_gate, const float* x, const bf16* w,
                  int num_tokens, int hidden, int num_experts, int top_k, bool norm_topk_prob, cudaStream_t stream,
-                 const ExpertGroups* groups) {
+                 const ExpertGroups* groups, ExpertCounts counts) {
   if (num_tokens == 0) return false;
   if (top_k < 1 || top_k > k_max_top_k || top_k > num_experts) argument_error("router_topk", "top_k must be in [1, min(32, num_experts)]");
   if (hidden % 8 != 0) argument_error("router_topk", "hidden must be a multiple of 8");
@@ -184,7 +188,7 @@ bool router_topk(int32_t* topk_ids, float* topk_weights, float* shared_gate, con
   const bool group = groups != nullptr && num_tokens == 1;
   router_topk_kernel<<<num_tokens, threads, smem, stream>>>(topk_ids, topk_weights, shared_gate, x, w, hidden,
                                                             num_experts, top_k, norm_topk_prob,
-                                                            group ? *groups : ExpertGroups{}, group);
+                                                            group ? *groups : ExpertGroups{}, group, counts);
   CUDA_CHECK_LAUNCH();
   return group;
 }
