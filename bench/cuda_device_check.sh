@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# The GPU machine's whole check in one call (device time is scarce): every CUDA test, then the
-# benchmark at the published Qwen1.5-MoE-A2.7B shapes (CUDA graphs on, then eager, then a per-stage
-# profile). Logs go to $OUT; a summary is printed last.
+# The GPU machine's whole check in one call (device time is scarce): every CUDA test, then at the
+# published Qwen1.5-MoE-A2.7B shapes (random weights): transformers beside us on the same checkpoint
+# (tools/hf_side_by_side.py: a float32 reference and transformers' own bf16 throughput), the CUDA backend
+# against that reference (tests/cuda_real_size_test.cpp), and the benchmark (CUDA graphs on, then eager,
+# then a per-stage profile). Logs go to $OUT; a summary is printed last.
 # Expects the binaries built here (build-cuda, -DMOESCOPE_CUDA=ON) carried along:
 #   build-cuda/moescope build-cuda/tests/cuda_kernels_test build-cuda/tests/cuda_backend_test
+#   build-cuda/tests/cuda_real_size_test
+# ONLY="make_model hf_side_by_side real_size" (step names, space-separated) runs those steps alone, e.g. to
+# stay within one call's time limit.
 set -u
 out=${OUT:-/tmp/moescope-out}
 mkdir -p "$out"
@@ -15,7 +20,8 @@ export OMP_WAIT_POLICY=PASSIVE
   date -u
   nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.max.sm,clocks.max.mem --format=csv
   nproc; free -g | head -2; df -h /tmp | tail -1
-  for b in build-cuda/moescope build-cuda/tests/cuda_kernels_test build-cuda/tests/cuda_backend_test; do
+  for b in build-cuda/moescope build-cuda/tests/cuda_kernels_test build-cuda/tests/cuda_backend_test \
+      build-cuda/tests/cuda_real_size_test; do
     ldd "$b" | grep "not found" && echo "MISSING LIBRARIES for $b"
   done
 } >"$out/machine.txt" 2>&1
@@ -24,6 +30,7 @@ cat "$out/machine.txt"
 step() {  # step NAME TIMEOUT COMMAND...: runs it with its log in $OUT/NAME.log, notes exit status and seconds
   local name=$1 limit=$2 start
   shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   start=$(date +%s)
   timeout "$limit" "$@" >"$out/$name.log" 2>&1
   echo "$name: exit $?, $(($(date +%s) - start)) s" >>"$out/summary.txt"
@@ -31,14 +38,44 @@ step() {  # step NAME TIMEOUT COMMAND...: runs it with its log in $OUT/NAME.log,
 step kernels 150 build-cuda/tests/cuda_kernels_test
 step backend 200 build-cuda/tests/cuda_backend_test
 step make_model 200 build-cuda/moescope make-model --arch qwen2_moe --preset qwen1.5-moe-a2.7b --seed 0 --out "$model"
-step bench 200 build-cuda/moescope bench "$model" --device cuda --batch 1,4,16,64 --repeats 3 --prefill-tokens 2048 \
+# transformers on the same checkpoint: the float32 reference (reference.json), then its bf16 generate throughput
+# at batch 1 and 8 (hf_throughput.json); about 4 minutes, the checkpoint still in the page cache.
+step hf_side_by_side 420 python3 tools/hf_side_by_side.py --model "$model" --out "$out/hf"
+step real_size 300 env MOESCOPE_REAL_SIZE_MODEL="$model" MOESCOPE_REAL_SIZE_REFERENCE="$out/hf/reference.json" \
+  build-cuda/tests/cuda_real_size_test
+step bench 200 build-cuda/moescope bench "$model" --device cuda --batch 1,4,8,16,64 --repeats 3 --prefill-tokens 2048 \
   --json "$out/bench.json"
 step bench_eager 120 build-cuda/moescope bench "$model" --device cuda --batch 1,64 --repeats 2 --enforce-eager
 step profile 120 env MOESCOPE_CUDA_PROFILE=1 build-cuda/moescope bench "$model" --device cuda --batch 1,64 --repeats 1 \
   --decode-tokens 8 --prefill-tokens 2048
 
-echo "== kernel tests"; grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|error:|Expected|Which is|actual" "$out/kernels.log" | cut -c1-220 | head -40
-echo "== backend tests"; grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|error:|Expected|Which is|actual|near-tie|bit for bit" "$out/backend.log" | cut -c1-220 | head -60
-for b in bench bench_eager; do echo "== $b"; grep -vE "^(command|moescope bench)" "$out/$b.log" | tail -14; done
-echo "== profile"; grep -E "ms per pass|prefill|^ +[0-9]" "$out/profile.log" | head -70
+echo "== kernel tests"; grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|error:|Expected|Which is|actual" "$out/kernels.log" 2>/dev/null | cut -c1-220 | head -40
+echo "== backend tests"; grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|error:|Expected|Which is|actual|near-tie|bit for bit" "$out/backend.log" 2>/dev/null | cut -c1-220 | head -60
+echo "== transformers side by side"; grep -E "SUMMARY|FAILED|SKIPPED|OUT OF GPU MEMORY|WARNING|Error" "$out/hf_side_by_side.log" 2>/dev/null | cut -c1-240 | head -30
+echo "== real size vs transformers"; grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|real size|near-tie|Expected|Which is|actual|Skipped" "$out/real_size.log" 2>/dev/null | cut -c1-260 | head -60
+for b in bench bench_eager; do echo "== $b"; grep -vE "^(command|moescope bench)" "$out/$b.log" 2>/dev/null | tail -14; done
+echo "== decode and prefill tok/s, moescope (bench.json: 32 steps after a 128-token prompt) beside transformers (hf_throughput.json: generate, 127 steps after a 128-token prompt)"
+python3 - "$out/bench.json" "$out/hf/hf_throughput.json" <<'PY' 2>&1 | head -12
+import json, sys
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        print(f"  {path}: {exc}")
+        return None
+ours, hf = load(sys.argv[1]), load(sys.argv[2])
+ours = ours["models"][0] if ours and ours.get("models") else {}
+hf = hf or {}
+mine = {d["batch_size"]: d.get("tokens_per_s_median") for d in ours.get("decode", [])}
+theirs = {d["batch_size"]: d.get("tokens_per_s_median") for d in hf.get("decode", [])}
+fmt = lambda v: f"{v:10.1f}" if isinstance(v, (int, float)) else f"{'-':>10}"
+print(f"  {'':14} {'moescope':>10} {'transformers':>13}   ({hf.get('gpu', '?')}, transformers {hf.get('transformers', '?')}, "
+      f"torch {hf.get('torch', '?')}, experts {hf.get('experts_implementation', '?')})")
+for b in sorted(set(mine) | set(theirs)):
+    print(f"  decode batch {b:<2} {fmt(mine.get(b))} {fmt(theirs.get(b)):>13}")
+print(f"  prefill 1x2048 {fmt(ours.get('prefill', {}).get('tokens_per_s_median'))} "
+      f"{fmt(hf.get('prefill', {}).get('tokens_per_s_median')):>13}")
+PY
+echo "== profile"; grep -E "ms per pass|prefill|^ +[0-9]" "$out/profile.log" 2>/dev/null | head -70
 echo "== summary"; cat "$out/summary.txt"
