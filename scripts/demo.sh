@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo: installs the dependencies, builds moescope, and runs the whole study on the small MoE that
 # ships in models/ (moescope-tiny-gsm8k, trained on GSM8K train):
-#   prompts -> timed run without the routing log -> timed run with it -> report (plots, metrics, overhead)
+#   prompts -> timed run without the routing log -> timed run with it -> report (plots, metrics, overhead,
+#   experts by token class)
 #   -> the server and the seed document's curl sequence (configure per_pass, start, complete, dump, stop).
 # Usage: bash scripts/demo.sh [path/to/gsm8k/test.jsonl]   (without a path: generated math word problems)
 # CTest runs it on the tests' build with MOESCOPE_DEMO_BINARY and MOESCOPE_DEMO_OUT set (no set-up, no build).
@@ -26,18 +27,21 @@ head -3 "$out/prompts.txt"
 
 echo
 echo "== 2. timed run without the routing log (label no_log)"
-$moescope run --prompts "$out/prompts.txt" --max-tokens 128 --temperature 0 --seed 1234 --timing "$out/timing.json" \
-  --output "$out/outputs.jsonl"
+$moescope run --prompts "$out/prompts.txt" --max-tokens 128 --temperature 0 --seed 1234 --timing "$out/timing.json"
 echo
 echo "== 3. the same run with the routing log on every MoE layer (label log)"
+# This run writes the outputs: the report joins the routes with these very tokens (--tokens), which holds
+# whether or not a rerun would generate the same ones.
 MOESCOPE_LOG_MOE="$out/moe_routes.jsonl" MOESCOPE_LOG_MOE_LAYER=all \
   $moescope run --prompts "$out/prompts.txt" --max-tokens 128 --temperature 0 --seed 1234 --timing "$out/timing.json" \
-  --expert-distribution-jsonl "$out/passes.jsonl"
+  --expert-distribution-jsonl "$out/passes.jsonl" --output "$out/outputs.jsonl"
 echo "first answer: $(head -1 "$out/outputs.jsonl" | python3 -c 'import json,sys; print(json.load(sys.stdin)["text"][:160])')"
 
 echo
-echo "== 4. report: expert_hist.png, expert_heatmap.png, expert_metrics.json"
-$moescope report "$out/moe_routes.jsonl" --out-dir "$out/report" --timing "$out/timing.json"
+echo "== 4. report: expert_hist.png, expert_heatmap.png, expert_metrics.json; by token class: token_classes.json,"
+echo "      expert_token_classes.png"
+$moescope report "$out/moe_routes.jsonl" --out-dir "$out/report" --timing "$out/timing.json" \
+  --tokens "$out/outputs.jsonl"
 
 echo
 echo "== 5. the server, and the seed document's curl sequence"
@@ -62,7 +66,7 @@ wait $server || true
 trap - EXIT
 
 for f in prompts.txt timing.json moe_routes.jsonl passes.jsonl outputs.jsonl report/expert_hist.png \
-  report/expert_heatmap.png report/expert_metrics.json; do
+  report/expert_heatmap.png report/expert_metrics.json report/token_classes.json report/expert_token_classes.png; do
   [[ -s "$out/$f" ]] || { echo "demo: $out/$f was not written" >&2; exit 1; }
 done
 

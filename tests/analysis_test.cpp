@@ -532,6 +532,63 @@ TEST(Plot, HeatmapDecodesWithExpectedSizeAndSpansTheColourMap) {
   EXPECT_GT(heatmap_height(24), heatmap_height(3));
 }
 
+TEST(Plot, TokenClassesDecodeWithExpectedSizeAndFrameTheTopExperts) {
+  test::TempDir dir;
+  for (auto [layers, num_experts] : {std::pair{1, 16}, std::pair{7, 16}, std::pair{4, 60}}) {
+    SCOPED_TRACE(fmt::format("{} layers, {} experts", layers, num_experts));
+    TokenClassPlot p;
+    p.model_id = "test/moe";
+    p.subtitle = "a subtitle";
+    p.num_experts = num_experts;
+    for (int l = 0; l < layers; ++l) {
+      TokenClassPanel panel;
+      panel.title = fmt::format("Layer {}", l);
+      panel.note = "I(class; expert) 0.5 bits";
+      for (int r = 0; r < 6; ++r) {
+        std::vector<int64_t> c = skewed_counts(num_experts);
+        std::rotate(c.begin(), c.begin() + (l + r) % num_experts, c.end());
+        const DistributionMetrics m = compute_distribution_metrics(c, 1);
+        TokenClassRow row;
+        row.label = fmt::format("row {}", r);
+        row.tokens = r == 5 ? 0 : 100;  // the last row has no tokens: drawn empty, no frame
+        row.shares = r == 5 ? std::vector<double>(static_cast<size_t>(num_experts), 0.0) : m.shares;
+        if (r < 5) {
+          row.top_expert = m.top_experts[0].expert;
+          row.top_share = m.top_experts[0].share;
+          row.lift = 1.5;
+        }
+        row.gap_before = r == 1;
+        panel.rows.push_back(row);
+      }
+      p.panels.push_back(panel);
+    }
+    const auto path = dir / fmt::format("classes{}x{}.png", layers, num_experts);
+    plot_expert_token_classes(path, p);
+    const PngStats s = decode(path);
+    EXPECT_EQ(s.width, k_heatmap_width);
+    EXPECT_EQ(s.height, token_class_plot_height(p));
+    EXPECT_GT(s.non_white, 0.1);
+    // The colour bar spans the map; the frames of the top experts (5 rows per panel) are orange.
+    EXPECT_GT(pixels_near(s, viridis(0.0)), 50u);
+    EXPECT_GT(pixels_near(s, viridis(1.0)), 50u);
+    EXPECT_GT(pixels_near(s, plot::k_accent), static_cast<size_t>(5 * layers * 40));
+  }
+  // Panels go two to a row: 3 and 4 panels are as tall, 5 taller.
+  TokenClassPlot p;
+  p.num_experts = 8;
+  TokenClassPanel panel;
+  panel.rows.push_back({"r", 1, std::vector<double>(8, 0.125), 0, 0.125, std::nullopt, false});
+  p.panels.assign(3, panel);
+  const int three = token_class_plot_height(p);
+  p.panels.assign(4, panel);
+  EXPECT_EQ(token_class_plot_height(p), three);
+  p.panels.assign(5, panel);
+  EXPECT_GT(token_class_plot_height(p), three);
+  // Rows must have a share per expert.
+  p.panels[0].rows[0].shares.pop_back();
+  EXPECT_THROW(plot_expert_token_classes(dir / "bad.png", p), Error);
+}
+
 TEST(Plot, ViridisRunsDarkToLightWithoutBumps) {
   const Rgb start = viridis(0.0), end = viridis(1.0);
   EXPECT_NEAR(start.r, 0.267, 1e-3);

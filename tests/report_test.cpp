@@ -7,6 +7,7 @@
 #include <fstream>
 
 #include "test_util.h"
+#include "tokenizer/tokenizer.h"
 #include "util/json.h"
 
 namespace moescope {
@@ -225,6 +226,187 @@ TEST(Report, ErrorsAreOneLineAndNonZero) {
                         "none.json");
   // A bad timing file fails before anything is written.
   EXPECT_FALSE(fs::exists(dir / "out" / "expert_metrics.json"));
+}
+
+// --tokens: routes joined with the token ids of a `moescope run --output` file, classified with the
+// shipped model's tokenizer. One request, 4 experts, top-1, layers 0 and 1:
+//   token_idx  token           class        layer 0  layer 1
+//   0          <|im_start|>    special  p   2        0
+//   1          " the"          word     p   1        0
+//   2          "7"             digit    p   3        0
+//   3          " +"            operator g   1        0
+//   4          "3"             digit    g   3        0
+//   5          ".\n"           punctuation  (the last sampled token: never fed back, no route)
+struct TokensCase {
+  fs::path routes, outputs;
+};
+
+int32_t token_id(const Tokenizer& tok, const char* token) {
+  const std::optional<int32_t> id = tok.token_to_id(token);
+  EXPECT_TRUE(id) << token;
+  return id.value_or(0);
+}
+
+fs::path shipped_model() { return test::source_dir() / "models" / "moescope-tiny-gsm8k"; }
+
+TokensCase write_tokens_case(const test::TempDir& dir) {
+  const Tokenizer tok = Tokenizer::from_file(shipped_model() / "tokenizer.json");
+  // Vocab spellings: "\u0120" is the byte-level space, "\u010a" the newline.
+  const std::vector<int32_t> prompt = {token_id(tok, "<|im_start|>"), token_id(tok, "\u0120the"), token_id(tok, "7")};
+  const std::vector<int32_t> output = {token_id(tok, "\u0120+"), token_id(tok, "3"), token_id(tok, ".\u010a")};
+  TokensCase c{dir / "routes.jsonl", dir / "outputs.jsonl"};
+  write_file(c.outputs, Json({{"req_id", "r0"},
+                              {"prompt_ids", prompt},
+                              {"output_ids", output},
+                              {"finish_reason", "length"},
+                              {"text", " + 3.\n"}})
+                                .dump() +
+                            "\n");
+  std::string text =
+      R"({"type":"meta","model_id":"test/classes","num_layers":2,"num_experts":4,"top_k":1,"layers":[0,1]})"
+      "\n";
+  const int layer0[] = {2, 1, 3, 1, 3};
+  for (int t = 0; t < 5; ++t) {
+    text += route(0, t, 0, {layer0[t]});
+    text += route(0, t, 1, {0});
+  }
+  write_file(c.routes, text);
+  return c;
+}
+
+const Json& class_row(const Json& layer, const char* name) {
+  for (const Json& row : layer["classes"])
+    if (row["class"] == name) return row;
+  static const Json none;
+  ADD_FAILURE() << "no class " << name;
+  return none;
+}
+
+TEST(Report, TokensAddTokenClassesAndThePromptGeneratedShift) {
+  test::TempDir dir;
+  const TokensCase c = write_tokens_case(dir);
+  const fs::path out = dir / "out";
+  const auto r = report(
+      {quote(c.routes), "--out-dir", quote(out), "--tokens", quote(c.outputs), "--model", quote(shipped_model())});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(fs::exists(out / "expert_token_classes.png"));
+  const Json m = read_metrics(out);
+  EXPECT_EQ(m["input"]["prompt_tokens"], 3);
+  EXPECT_EQ(m["input"]["generated_tokens"], 2);
+
+  const Json t = read_json_file(out / "token_classes.json");
+  EXPECT_EQ(t["classes"], Json({"digit", "operator", "punctuation", "whitespace", "word", "special", "other"}));
+  EXPECT_EQ(t["requests"], 1);
+  EXPECT_EQ(t["prompt_tokens"], 3);
+  EXPECT_EQ(t["generated_tokens"], 2);
+  EXPECT_EQ(t["tokens_without_routes"], 0);
+  ASSERT_EQ(t["layers"].size(), 2u);
+  const Json& l0 = t["layers"][0];
+  EXPECT_EQ(l0["layer"], 0);
+  EXPECT_EQ(l0["tokens"], 5);
+  // Layer 0 selections per expert: 0, 2 (" the", " +"), 1 (<|im_start|>), 2 ("7", "3").
+  EXPECT_EQ(class_row(l0, "digit")["counts"], Json({0, 0, 0, 2}));
+  EXPECT_EQ(class_row(l0, "digit")["tokens"], 2);
+  EXPECT_EQ(class_row(l0, "operator")["counts"], Json({0, 1, 0, 0}));
+  EXPECT_EQ(class_row(l0, "word")["counts"], Json({0, 1, 0, 0}));
+  EXPECT_EQ(class_row(l0, "special")["counts"], Json({0, 0, 1, 0}));
+  EXPECT_EQ(class_row(l0, "punctuation")["tokens"], 0);  // ".\n" was sampled last: no route
+  EXPECT_TRUE(class_row(l0, "punctuation")["top_expert"].is_null());
+  // digit: all on expert 3, which has 2 of the layer's 5 selections: lift 1 / (2/5) = 2.5.
+  EXPECT_EQ(class_row(l0, "digit")["top_expert"]["expert"], 3);
+  EXPECT_DOUBLE_EQ(class_row(l0, "digit")["top_expert"]["share"].get<double>(), 1.0);
+  EXPECT_DOUBLE_EQ(class_row(l0, "digit")["top_expert"]["lift"].get<double>(), 2.5);
+  // special: expert 2, which has 1 of 5: lift 5, the largest.
+  EXPECT_EQ(l0["strongest"]["class"], "special");
+  EXPECT_EQ(l0["strongest"]["expert"], 2);
+  EXPECT_DOUBLE_EQ(l0["strongest"]["lift"].get<double>(), 5.0);
+  // The class decides the expert, so I = H(expert) of (2, 1, 2)/5 = 0.8 log2 2.5 + 0.2 log2 5;
+  // H(class) of (2, 1, 1, 1)/5 = 0.4 log2 2.5 + 0.6 log2 5.
+  const double mi = 0.8 * std::log2(2.5) + 0.2 * std::log2(5.0);
+  const double h_class = 0.4 * std::log2(2.5) + 0.6 * std::log2(5.0);
+  EXPECT_NEAR(l0["mutual_information_bits"].get<double>(), mi, 1e-12);
+  EXPECT_NEAR(l0["class_entropy_bits"].get<double>(), h_class, 1e-12);
+  EXPECT_NEAR(l0["normalized_mutual_information"].get<double>(), mi / h_class, 1e-12);
+  // Prompt (0, 1, 1, 1)/3, generated (0, 1, 0, 1)/2: |d| = 1/6 + 1/3 + 1/6 = 2/3, TV = 1/3.
+  const Json& pg = l0["prompt_vs_generated"];
+  EXPECT_EQ(pg["prompt"]["counts"], Json({0, 1, 1, 1}));
+  EXPECT_EQ(pg["generated"]["counts"], Json({0, 1, 0, 1}));
+  EXPECT_NEAR(pg["total_variation"].get<double>(), 1.0 / 3, 1e-12);
+  // Layer 1 sends everything to expert 0: no information, no shift.
+  const Json& l1 = t["layers"][1];
+  EXPECT_NEAR(l1["mutual_information_bits"].get<double>(), 0.0, 1e-12);
+  EXPECT_NEAR(l1["prompt_vs_generated"]["total_variation"].get<double>(), 0.0, 1e-12);
+
+  for (const char* s :
+       {"Token classes", "routed tokens: 3 prompt, 2 generated", "1 requests, 5 tokens: 3 prompt, 2 generated",
+        "digit 2 (40.0%)", "special -> 2 (100.0%, 5.00x)", "0.333", "token_classes.json", "expert_token_classes.png"})
+    EXPECT_NE(r.output.find(s), std::string::npos) << "missing \"" << s << "\" in:\n" << r.output;
+  EXPECT_NE(r.output.find(fmt::format("{:.3f}", mi)), std::string::npos) << r.output;
+
+  // Without --model the shipped model's tokenizer is used: the same classes.
+  const auto d = report({quote(c.routes), "--out-dir", quote(dir / "default"), "--tokens", quote(c.outputs)});
+  ASSERT_EQ(d.exit_code, 0) << d.output;
+  EXPECT_EQ(read_json_file(dir / "default" / "token_classes.json")["layers"], t["layers"]);
+  // A tokenizer.json path works as --model too.
+  const auto f = report({quote(c.routes), "--out-dir", quote(dir / "file"), "--tokens", quote(c.outputs), "--model",
+                         quote(shipped_model() / "tokenizer.json")});
+  ASSERT_EQ(f.exit_code, 0) << f.output;
+
+  // A report without --tokens in the same directory removes the token-class files of the earlier one.
+  const auto again = report({quote(c.routes), "--out-dir", quote(out)});
+  ASSERT_EQ(again.exit_code, 0) << again.output;
+  EXPECT_FALSE(fs::exists(out / "token_classes.json"));
+  EXPECT_FALSE(fs::exists(out / "expert_token_classes.png"));
+  EXPECT_EQ(again.output.find("Token classes"), std::string::npos) << again.output;
+}
+
+TEST(Report, TokensErrorsAreOneLineAndNonZero) {
+  test::TempDir dir;
+  const TokensCase c = write_tokens_case(dir);
+  const fs::path out = dir / "out";
+  const auto with_tokens = [&](const fs::path& tokens, const std::vector<std::string>& more = {}) {
+    std::vector<std::string> args = {quote(c.routes), "--out-dir", quote(out), "--tokens", quote(tokens)};
+    args.insert(args.end(), more.begin(), more.end());
+    return report(args);
+  };
+  expect_one_line_error(with_tokens(dir / "missing.jsonl"), "missing.jsonl: cannot open the tokens file");
+  write_file(dir / "junk.jsonl", "{\"req_id\": \"r0\", \"prompt_ids\": [1\n");
+  expect_one_line_error(with_tokens(dir / "junk.jsonl"), "junk.jsonl:1: not valid JSON");
+  write_file(dir / "no_ids.jsonl", R"({"req_id":"r0","text":"hi"})"
+                                   "\n");
+  expect_one_line_error(with_tokens(dir / "no_ids.jsonl"), "no_ids.jsonl:1: no \"prompt_ids\"");
+  // The routes are of r0; a tokens file of r1 and r2 does not cover them.
+  write_file(dir / "other.jsonl", R"({"req_id":"r1","prompt_ids":[5],"output_ids":[6]})"
+                                  "\n"
+                                  R"({"req_id":"r2","prompt_ids":[5],"output_ids":[6]})"
+                                  "\n");
+  expect_one_line_error(with_tokens(dir / "other.jsonl"), "line 2: req_id \"r0\" is not in the tokens file");
+  // r0 with 2 + 1 tokens: the routes go up to token_idx 4.
+  write_file(dir / "short.jsonl", R"({"req_id":"r0","prompt_ids":[5,5],"output_ids":[6]})"
+                                  "\n");
+  expect_one_line_error(with_tokens(dir / "short.jsonl"),
+                        "routes.jsonl: line 8: token_idx 3 of request \"r0\" is beyond its 3 tokens");
+  // An id the tokenizer (4096 ids) does not have.
+  write_file(dir / "big.jsonl", R"({"req_id":"r0","prompt_ids":[5,99999,5],"output_ids":[6,6,6]})"
+                                "\n");
+  expect_one_line_error(with_tokens(dir / "big.jsonl"), "big.jsonl:1: request \"r0\": token id 99999 is out of range");
+  // Routes without req_id cannot be joined.
+  write_file(dir / "anon.jsonl", R"({"layer":0,"topk_ids":[1]})"
+                                 "\n");
+  expect_one_line_error(report({quote(dir / "anon.jsonl"), "--out-dir", quote(out), "--tokens", quote(c.outputs)}),
+                        "line 1: the route has no req_id");
+  // A model directory without a tokenizer, and one that does not exist.
+  fs::create_directories(dir / "no_tokenizer");
+  expect_one_line_error(with_tokens(c.outputs, {"--model", quote(dir / "no_tokenizer")}), "has no tokenizer.json");
+  expect_one_line_error(with_tokens(c.outputs, {"--model", quote(dir / "nowhere")}),
+                        "nowhere: no such model directory");
+  // Every error came before anything was written.
+  EXPECT_FALSE(fs::exists(out / "expert_metrics.json"));
+  EXPECT_FALSE(fs::exists(out / "token_classes.json"));
+  // --model means nothing without --tokens.
+  const auto r = report({quote(c.routes), "--out-dir", quote(out), "--model", quote(shipped_model())});
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("--tokens"), std::string::npos) << r.output;
 }
 
 }  // namespace

@@ -124,4 +124,41 @@ Json to_json(const DistributionMetrics& m) {
           {"shares", m.shares}};
 }
 
+double mutual_information_bits(const std::vector<std::vector<int64_t>>& joint) {
+  if (joint.empty()) return 0.0;
+  const size_t columns = joint[0].size();
+  std::vector<int64_t> row_sums, column_sums(columns, 0);
+  for (const std::vector<int64_t>& row : joint) {
+    if (row.size() != columns) fail("metrics: rows of different lengths in a contingency table");
+    check_counts(row);
+    row_sums.push_back(total_of(row));
+    for (size_t c = 0; c < columns; ++c) column_sums[c] += row[c];
+  }
+  const int64_t total = total_of(row_sums);
+  if (total == 0) return 0.0;
+  const double n = static_cast<double>(total);
+  double mi = 0.0;
+  for (size_t r = 0; r < joint.size(); ++r)
+    for (size_t c = 0; c < columns; ++c) {
+      const int64_t n_rc = joint[r][c];
+      if (n_rc == 0) continue;  // 0 log 0 = 0
+      const double p_rc = static_cast<double>(n_rc) / n;
+      mi += p_rc * std::log2(static_cast<double>(n_rc) * n /
+                             (static_cast<double>(row_sums[r]) * static_cast<double>(column_sums[c])));
+    }
+  // Rounding leaves a hair below 0 for independent variables, or above H for a one-to-one table.
+  return std::clamp(mi, 0.0, std::min(shannon_entropy_bits(row_sums), shannon_entropy_bits(column_sums)));
+}
+
+std::optional<double> total_variation_distance(std::span<const int64_t> a, std::span<const int64_t> b) {
+  if (a.size() != b.size()) fail("metrics: distributions over {} and {} experts", a.size(), b.size());
+  const int64_t total_a = total_of(a), total_b = total_of(b);
+  if (total_a == 0 || total_b == 0) return std::nullopt;
+  double sum = 0.0;
+  for (size_t i = 0; i < a.size(); ++i)
+    sum += std::fabs(static_cast<double>(a[i]) / static_cast<double>(total_a) -
+                     static_cast<double>(b[i]) / static_cast<double>(total_b));
+  return std::min(sum / 2.0, 1.0);
+}
+
 }  // namespace moescope::analysis

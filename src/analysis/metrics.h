@@ -2,6 +2,7 @@
 // Load-balance metrics of one expert-selection distribution: how many times each expert of a layer
 // (or of all logged layers, summed) was among a token's top-k. Formulas and edge cases: docs/ANALYSIS.md.
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -42,5 +43,14 @@ double max_mean_ratio(std::span<const int64_t> counts);
 std::vector<ExpertShare> top_experts(std::span<const int64_t> counts, int n);
 
 Json to_json(const DistributionMetrics& m);
+
+// Mutual information in bits between the row variable and the column variable of a table of counts
+// [rows][columns] (every row as long): I = sum over cells of n_rc/N log2(n_rc N / (n_r n_c)), N the
+// total, n_r and n_c the row and column sums. 0 for an empty table; clamped to [0, min(H(row), H(column))].
+double mutual_information_bits(const std::vector<std::vector<int64_t>>& joint);
+
+// Total variation distance between the shares of two count distributions over the same experts:
+// 1/2 sum_i |a_i / A - b_i / B|, 0 (same shares) .. 1 (no expert in common). nullopt when either is empty.
+std::optional<double> total_variation_distance(std::span<const int64_t> a, std::span<const int64_t> b);
 
 }  // namespace moescope::analysis

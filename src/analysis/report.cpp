@@ -7,11 +7,15 @@
 #include <charconv>
 #include <numeric>
 
+#include "analysis/class_routing.h"
 #include "analysis/metrics.h"
+#include "analysis/outputs_file.h"
 #include "analysis/plot.h"
 #include "analysis/plot_style.h"
 #include "analysis/route_reader.h"
 #include "analysis/timing.h"
+#include "analysis/token_class.h"
+#include "tokenizer/tokenizer.h"
 #include "util/error.h"
 
 namespace moescope::analysis {
@@ -119,6 +123,124 @@ std::string distribution_text(const DistributionMetrics& m) {
   return s;
 }
 
+// The tokenizer that decodes the tokens file's ids: a model directory's tokenizer.json, or the file.
+Tokenizer load_tokenizer(const fs::path& path) {
+  if (fs::is_regular_file(path)) return Tokenizer::from_file(path);
+  if (!fs::is_directory(path)) fail("{}: no such model directory or tokenizer.json (--model)", path.string());
+  std::optional<Tokenizer> tokenizer = Tokenizer::from_model_dir(path);
+  if (!tokenizer)
+    fail("{}: the model directory has no tokenizer.json, which --tokens needs to classify the tokens", path.string());
+  return std::move(*tokenizer);
+}
+
+// The token-class analysis of every layer, with what it was made from.
+struct ClassReport {
+  ClassRouting routing;
+  std::vector<LayerClassMetrics> layers;
+};
+
+Json token_classes_json(const ReportOptions& o, const RouteData& d, const ClassReport& c) {
+  Json classes = Json::array();
+  for (TokenClass k : k_token_classes) classes.push_back(to_string(k));
+  Json layers = Json::array();
+  for (const LayerClassMetrics& m : c.layers) layers.push_back(to_json(m));
+  Json j = {{"moescope_version", MOESCOPE_VERSION},
+            {"model_id", d.meta.model_id},
+            {"routes_path", o.routes.string()},
+            {"tokens_path", o.tokens->string()},
+            {"tokenizer_path", o.tokenizer.string()},
+            {"classes", classes},
+            {"num_experts", d.num_experts},
+            {"requests", c.routing.requests},
+            {"routed_requests", c.routing.routed_requests},
+            {"prompt_tokens", c.routing.prompt_tokens},
+            {"generated_tokens", c.routing.generated_tokens},
+            {"tokens_without_routes", c.routing.tokens_without_routes},
+            {"layers", layers},
+            {"notes", c.routing.notes}};
+  j["top_k"] = d.top_k ? Json(*d.top_k) : Json(nullptr);
+  return j;
+}
+
+std::string token_classes_text(const ReportOptions& o, const ClassReport& c) {
+  std::string s =
+      fmt::format("Token classes (tokens of {}, tokenizer {}):\n", o.tokens->string(), o.tokenizer.string());
+  s += fmt::format("  {} requests; routed tokens: {} prompt, {} generated\n", thousands(c.routing.requests),
+                   thousands(c.routing.prompt_tokens), thousands(c.routing.generated_tokens));
+  // Every logged layer routes the same tokens in a routing log: the first layer's classes stand for all.
+  const LayerClassMetrics& first = c.layers.front();
+  std::string by_class;
+  for (size_t k = 0; k < k_num_token_classes; ++k) {
+    const int64_t n = first.classes[k].tokens;
+    if (n == 0) continue;
+    by_class += fmt::format("{}{} {} ({})", by_class.empty() ? "" : ", ", to_string(k_token_classes[k]), thousands(n),
+                            percent(static_cast<double>(n) / static_cast<double>(first.all.tokens)));
+  }
+  s += fmt::format("  tokens by class (layer {}): {}\n", first.layer, by_class);
+  s += "  layer  MI bits  (chance)  MI/H(class)  strongest class -> expert (share, lift)  prompt/generated TV\n";
+  for (const LayerClassMetrics& m : c.layers) {
+    const std::string strongest =
+        m.strongest ? fmt::format("{} -> {} ({}, {:.2f}x)", to_string(m.strongest->token_class),
+                                  m.strongest->top.expert, percent(m.strongest->top.share), m.strongest->top.lift)
+                    : std::string("-");
+    const std::string tv = m.total_variation ? fmt::format("{:.3f}", *m.total_variation) : std::string("-");
+    s += fmt::format("  {:>5}  {:>7.3f}  ({:>6.3f})  {:>11}  {:<41}  {:>19}\n", m.layer, m.mutual_information_bits,
+                     m.mutual_information_chance_bits, percent(m.normalized_mutual_information), strongest, tv);
+  }
+  return s;
+}
+
+TokenClassPlot token_class_plot(const RouteData& d, const ClassReport& c, const std::string& experts_text) {
+  TokenClassPlot p;
+  p.model_id = d.meta.model_id;
+  p.num_experts = d.num_experts;
+  p.subtitle = fmt::format(
+      "{} prompt + {} generated tokens of {} requests \u00b7 {} \u00b7 rows: groups of tokens, "
+      "columns: experts",
+      thousands(c.routing.prompt_tokens), thousands(c.routing.generated_tokens), thousands(c.routing.requests),
+      experts_text);
+  // Classes that no layer routed are left out; the others get a row in every panel.
+  std::vector<size_t> shown;
+  for (size_t k = 0; k < k_num_token_classes; ++k)
+    for (const LayerClassMetrics& m : c.layers)
+      if (m.classes[k].tokens > 0) {
+        shown.push_back(k);
+        break;
+      }
+  auto row = [](std::string label, const ExpertRow& r, bool with_lift, bool gap) {
+    TokenClassRow out;
+    out.label = std::move(label);
+    out.tokens = r.tokens;
+    out.shares = r.shares;
+    out.gap_before = gap;
+    if (r.top) {
+      out.top_expert = r.top->expert;
+      out.top_share = r.top->share;
+      if (with_lift) out.lift = r.top->lift;
+    }
+    return out;
+  };
+  for (const LayerClassMetrics& m : c.layers) {
+    TokenClassPanel panel;
+    panel.title = fmt::format("Layer {}", m.layer);
+    panel.note = fmt::format("I(class; expert) {:.3f} bits = {} of H(class) \u00b7 prompt/generated TV {}",
+                             m.mutual_information_bits, percent(m.normalized_mutual_information),
+                             m.total_variation ? fmt::format("{:.3f}", *m.total_variation) : std::string("-"));
+    panel.rows.push_back(row("all tokens", m.all, false, false));
+    panel.rows.push_back(row("prompt", m.prompt, true, true));
+    panel.rows.push_back(row("generated", m.generated, true, false));
+    for (size_t i = 0; i < shown.size(); ++i)
+      panel.rows.push_back(row(to_string(k_token_classes[shown[i]]), m.classes[shown[i]], true, i == 0));
+    p.panels.push_back(std::move(panel));
+  }
+  // The colour scale ends at the largest share of a row with enough tokens to mean something: one
+  // special token routed to two experts would otherwise squeeze every other row into the dark end.
+  for (const TokenClassPanel& panel : p.panels)
+    for (const TokenClassRow& r : panel.rows)
+      if (r.tokens >= k_strongest_min_tokens)
+        for (double s : r.shares) p.scale_max = std::max(p.scale_max, s);
+  return p;
+}
 }  // namespace
 
 Report write_report(const ReportOptions& o) {
@@ -128,8 +250,19 @@ Report write_report(const ReportOptions& o) {
   std::optional<TimingFile> timing;
   if (o.timing) timing = read_timing_file(*o.timing);
 
+  // The tokens file and the tokenizer are checked before the routes are read, like the timing file.
+  std::optional<OutputsFile> outputs;
+  std::optional<Tokenizer> tokenizer;
+  std::optional<ClassRoutingJoin> join;
+  if (o.tokens) {
+    outputs = read_outputs_file(*o.tokens);
+    tokenizer = load_tokenizer(o.tokenizer);
+    join.emplace(*outputs, [&](int32_t id) { return classify_token(*tokenizer, id); });
+  }
+
   RouteReadOptions read_options;
   read_options.num_experts = o.num_experts;
+  if (join) read_options.on_route = [&](const Route& r, int64_t line) { join->add(r, line); };
   const RouteData d = read_routes(o.routes, read_options);
   if (d.records_used == 0) {
     std::string why = fmt::format("{} lines read, {} malformed", d.lines_read, d.malformed_lines);
@@ -154,7 +287,16 @@ Report write_report(const ReportOptions& o) {
                                                  std::find(layers.begin(), layers.end(), *layer) - layers.begin())].m
                                            : overall;
 
+  std::optional<ClassReport> classes;
+  if (join) {
+    classes.emplace();
+    classes->routing = join->finish(d.num_experts);
+    for (const auto& [l, counts] : classes->routing.layers)
+      classes->layers.push_back(compute_layer_class_metrics(l, counts));
+  }
+
   std::vector<std::string> notes = d.notes;
+  if (classes) notes.insert(notes.end(), classes->routing.notes.begin(), classes->routing.notes.end());
   std::optional<Overhead> overhead;
   if (timing) overhead = logging_overhead(*timing, notes);
 
@@ -165,6 +307,11 @@ Report write_report(const ReportOptions& o) {
   j["model_id"] = d.meta.model_id;
   j["selected_layer"] = layer ? Json(*layer) : Json("all");
   j["input"] = input_json(o, d);
+  if (classes) {
+    j["input"]["prompt_tokens"] = classes->routing.prompt_tokens;
+    j["input"]["generated_tokens"] = classes->routing.generated_tokens;
+    j["tokens_path"] = o.tokens->string();
+  }
   j["layers"] = Json::array();
   for (const LayerMetrics& lm : per_layer) {
     Json entry = to_json(lm.m);
@@ -223,6 +370,19 @@ Report write_report(const ReportOptions& o) {
     fs::remove(heatmap_path, ec);
   }
 
+  const fs::path classes_json_path = o.out_dir / "token_classes.json";
+  const fs::path classes_plot_path = o.out_dir / "expert_token_classes.png";
+  if (classes) {
+    write_text_file(classes_json_path, token_classes_json(o, d, *classes).dump(2) + "\n");
+    report.files.push_back(classes_json_path);
+    plot_expert_token_classes(classes_plot_path, token_class_plot(d, *classes, k_text));
+    report.files.push_back(classes_plot_path);
+  } else {
+    std::error_code ec;  // the same for an earlier report's token classes
+    fs::remove(classes_json_path, ec);
+    fs::remove(classes_plot_path, ec);
+  }
+
   // Text summary.
   std::string& s = report.summary;
   s += fmt::format("Routes: {}\n", o.routes.string());
@@ -237,7 +397,11 @@ Report write_report(const ReportOptions& o) {
                    thousands(d.lines_read), thousands(d.records_used), thousands(d.malformed_lines),
                    thousands(d.skipped_lines));
   for (const MalformedLine& m : d.malformed_examples) s += fmt::format("    {}\n", malformed_text(m));
-  if (d.records_without_token < d.records_used)
+  if (classes)
+    s += fmt::format("  {} requests, {} tokens: {} prompt, {} generated (from {})\n", thousands(d.requests),
+                     thousands(d.tokens), thousands(classes->routing.prompt_tokens),
+                     thousands(classes->routing.generated_tokens), o.tokens->string());
+  else if (d.records_without_token < d.records_used)
     s += fmt::format("  {} requests, {} tokens (the log does not say which are prompt and which generated tokens)\n",
                      thousands(d.requests), thousands(d.tokens));
   else
@@ -261,6 +425,7 @@ Report write_report(const ReportOptions& o) {
     s += fmt::format("  With logging: {:.2f}s\n", overhead->log_seconds);
     s += fmt::format("  Overhead:     {:+.2f}s ({:+.1f}%)\n", overhead->difference_seconds, overhead->percent);
   }
+  if (classes) s += token_classes_text(o, *classes);
   if (!notes.empty()) {
     s += "Notes:\n";
     for (const std::string& n : notes) s += fmt::format("  - {}\n", n);

@@ -1,6 +1,7 @@
 #pragma once
 // `moescope report`: routes file -> expert_metrics.json, expert_hist.png, expert_heatmap.png (several
-// layers) and a short text summary. Everything the command does lives here; cmd_report.cpp parses flags.
+// layers), with a tokens file token_classes.json and expert_token_classes.png, and a short text summary.
+// Everything the command does lives here; cmd_report.cpp parses flags and finds the default model.
 #include <filesystem>
 #include <optional>
 #include <string>
@@ -16,6 +17,8 @@ struct ReportOptions {
   std::string layer;  // "all", a layer number, or empty: the one layer logged, else "all"
   std::optional<std::filesystem::path> timing;
   std::optional<int> num_experts;
+  std::optional<std::filesystem::path> tokens;  // `moescope run --output` file: the token-class analysis
+  std::filesystem::path tokenizer;              // with tokens: a model directory with tokenizer.json, or the file
 };
 
 struct Report {
@@ -25,8 +28,9 @@ struct Report {
 };
 
 // Throws Error (one line) on a missing or unreadable file, no route records, a layer not in the
-// routes, an out-dir that cannot be written, or a bad timing file. Malformed route lines are not
-// errors: they are counted in the metrics and the summary.
+// routes, an out-dir that cannot be written, or a bad timing file; with tokens, on a bad tokens file or
+// tokenizer, a route without req_id/token_idx, a req_id not in the tokens file or a token_idx beyond
+// its tokens. Malformed route lines are not errors: they are counted in the metrics and the summary.
 Report write_report(const ReportOptions& options);
 
 }  // namespace moescope::analysis

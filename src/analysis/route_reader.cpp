@@ -27,7 +27,7 @@ class Accumulator {
     if (!text.empty() && text.back() == '\r') text.remove_suffix(1);  // CRLF files
     if (text.find_first_not_of(" \t") == std::string_view::npos) return;
     const RouteLimits limits = this->limits();
-    if (std::optional<Route> route = parse_route_fast(text, limits)) return add_route(*route);
+    if (std::optional<Route> route = parse_route_fast(text, limits)) return add_route(*route, line_no);
     Json j = Json::parse(text, nullptr, /*allow_exceptions=*/false);
     if (j.is_discarded())
       return malformed(line_no, unterminated ? "truncated last line (no newline at the end)" : "not valid JSON");
@@ -41,7 +41,7 @@ class Accumulator {
     std::string reason;
     std::optional<Route> route = route_from_json(j, limits, reason);
     if (!route) return malformed(line_no, reason);
-    add_route(*route);
+    add_route(*route, line_no);
   }
 
   RouteData finish() {
@@ -147,7 +147,8 @@ class Accumulator {
     return l;
   }
 
-  void add_route(const Route& r) {
+  void add_route(const Route& r, int64_t line_no) {
+    if (options_.on_route) options_.on_route(r, line_no);
     std::vector<int64_t>& counts = data_.counts[r.layer];
     for (int e : r.topk_ids) {
       if (static_cast<size_t>(e) >= counts.size()) counts.resize(static_cast<size_t>(e) + 1, 0);

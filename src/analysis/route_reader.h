@@ -6,6 +6,7 @@
 // Bad lines are counted and described, never fatal: a half-written last line is normal after a crash.
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <istream>
 #include <map>
 #include <optional>
@@ -56,9 +57,14 @@ struct RouteData {
   std::vector<int> layers() const;
 };
 
+struct Route;
+
 struct RouteReadOptions {
   std::optional<int> num_experts;  // --num-experts: wins over the meta line
   size_t max_malformed_examples = 5;
+  // Called with every route that is counted and its line number (1-based), in file order: for analyses
+  // that need more than the counts, without a second pass over the file. An Error it throws ends the read.
+  std::function<void(const Route& route, int64_t line)> on_route;
 };
 
 // Reads a routes file; throws Error when it cannot be opened or read. An empty result (no records)

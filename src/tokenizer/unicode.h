@@ -33,4 +33,7 @@ bool is_whitespace(char32_t code_point);
 // Letters, marks, numbers and connector punctuation: the characters a "word" is made of.
 bool is_word_char(char32_t code_point);
 
+// Letters only: the general categories Lu, Ll, Lt, Lm, Lo (Unicode's \p{L}).
+bool is_letter(char32_t code_point);
+
 }  // namespace moescope::unicode
