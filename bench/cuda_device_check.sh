@@ -43,17 +43,21 @@ step make_model 200 build-cuda/moescope make-model --arch qwen2_moe --preset qwe
 step hf_side_by_side 420 python3 tools/hf_side_by_side.py --model "$model" --out "$out/hf"
 step real_size 300 env MOESCOPE_REAL_SIZE_MODEL="$model" MOESCOPE_REAL_SIZE_REFERENCE="$out/hf/reference.json" \
   build-cuda/tests/cuda_real_size_test
-step bench 200 build-cuda/moescope bench "$model" --device cuda --batch 1,4,8,16,64 --repeats 3 --prefill-tokens 2048 \
-  --json "$out/bench.json"
+step bench 330 build-cuda/moescope bench "$model" --device cuda --batch 1,8,64,256 --repeats 3 --prefill 1x2048,16x512 \
+  --recording-overhead --overhead-rounds 5 --overhead-prompts 16 --overhead-max-tokens 64 --json "$out/bench.json"
 step bench_eager 120 build-cuda/moescope bench "$model" --device cuda --batch 1,64 --repeats 2 --enforce-eager
 step profile 120 env MOESCOPE_CUDA_PROFILE=1 build-cuda/moescope bench "$model" --device cuda --batch 1,64 --repeats 1 \
   --decode-tokens 8 --prefill-tokens 2048
+# The README's demo on the GPU: the shipped model, generation with the routing log and the per-pass JSONL,
+# the report, then the server with the recorder driven over HTTP.
+step demo_gpu 120 env MOESCOPE_DEMO_BINARY=build-cuda/moescope MOESCOPE_DEMO_OUT=/tmp/moescope-demo-gpu bash scripts/demo.sh
 
 echo "== kernel tests"; grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|error:|Expected|Which is|actual" "$out/kernels.log" 2>/dev/null | cut -c1-220 | head -40
 echo "== backend tests"; grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|error:|Expected|Which is|actual|near-tie|bit for bit" "$out/backend.log" 2>/dev/null | cut -c1-220 | head -60
 echo "== transformers side by side"; grep -E "SUMMARY|FAILED|SKIPPED|OUT OF GPU MEMORY|WARNING|Error" "$out/hf_side_by_side.log" 2>/dev/null | cut -c1-240 | head -30
 echo "== real size vs transformers"; grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|real size|near-tie|Expected|Which is|actual|Skipped" "$out/real_size.log" 2>/dev/null | cut -c1-260 | head -60
-for b in bench bench_eager; do echo "== $b"; grep -vE "^(command|moescope bench)" "$out/$b.log" 2>/dev/null | tail -14; done
+for b in bench bench_eager; do echo "== $b"; grep -vE "^(command|moescope bench)" "$out/$b.log" 2>/dev/null | tail -30; done
+echo "== demo on the GPU"; grep -E "on cuda|demo:|== |exit" "$out/demo_gpu.log" 2>/dev/null | head -20
 echo "== decode and prefill tok/s, moescope (bench.json: 32 steps after a 128-token prompt) beside transformers (hf_throughput.json: generate, 127 steps after a 128-token prompt)"
 python3 - "$out/bench.json" "$out/hf/hf_throughput.json" <<'PY' 2>&1 | head -12
 import json, sys
@@ -74,7 +78,8 @@ print(f"  {'':14} {'moescope':>10} {'transformers':>13}   ({hf.get('gpu', '?')},
       f"torch {hf.get('torch', '?')}, experts {hf.get('experts_implementation', '?')})")
 for b in sorted(set(mine) | set(theirs)):
     print(f"  decode batch {b:<2} {fmt(mine.get(b))} {fmt(theirs.get(b)):>13}")
-print(f"  prefill 1x2048 {fmt(ours.get('prefill', {}).get('tokens_per_s_median'))} "
+mine_prefill = {p["shape"]: p.get("tokens_per_s_median") for p in ours.get("prefill", [])}
+print(f"  prefill 1x2048 {fmt(mine_prefill.get('1x2048'))} "
       f"{fmt(hf.get('prefill', {}).get('tokens_per_s_median')):>13}")
 PY
 echo "== profile"; grep -E "ms per pass|prefill|^ +[0-9]" "$out/profile.log" 2>/dev/null | head -70
