@@ -16,6 +16,7 @@ model=/tmp/qwen1.5-moe-a2.7b-random
 # The test binaries were built with the sources at /work/main: make that path lead here.
 if [ ! -e /work/main ]; then mkdir -p /work && ln -s "$PWD" /work/main; fi
 export OMP_WAIT_POLICY=PASSIVE
+export MOESCOPE_TEST_BINARY="$PWD/build-cuda/moescope"  # the CLI tests run the carried binary
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.max.sm,clocks.max.mem --format=csv

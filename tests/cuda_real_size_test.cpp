@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/cpu/cpu_backend.h"
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/device.h"
 #include "engine/engine.h"
@@ -171,11 +172,22 @@ TEST(CudaRealSize, RoutesAndTokensAgreeWithTransformers) {
   int greedy_mismatch_ties = 0;
   size_t free_running_equal = 0, free_running_steps = 0;
   {
-    cuda::CudaBackendOptions options;  // the defaults moescope serves with (small path <= 8 tokens, CUDA graphs)
-    options.max_kv_tokens = 8192;      // one sequence of ~100 tokens at a time
-    cuda::CudaBackend gpu(weights, options);
-    std::printf("  real size: weights and backend ready in %.1f s (%.1f GB on the device, %s)\n", seconds_since(start),
-                gpu.weight_bytes() / 1e9, gpu.device_description().c_str());
+    // MOESCOPE_REAL_SIZE_DEVICE=cpu runs the CPU backend instead (f32 activations, the oracle): it tells
+    // the drift of the GPU's bf16 activations and cache apart from a difference in the model's maths.
+    const bool on_cpu = env("MOESCOPE_REAL_SIZE_DEVICE") == "cpu";
+    std::unique_ptr<Backend> backend;
+    if (on_cpu) {
+      backend = std::make_unique<cpu::CpuBackend>(weights);
+    } else {
+      cuda::CudaBackendOptions options;  // the defaults moescope serves with (small path <= 8 tokens, CUDA graphs)
+      options.max_kv_tokens = 8192;      // one sequence of ~100 tokens at a time
+      auto cuda_backend = std::make_unique<cuda::CudaBackend>(weights, options);
+      std::printf("  real size: weights and backend ready in %.1f s (%.1f GB on the device, %s)\n", seconds_since(start),
+                  cuda_backend->weight_bytes() / 1e9, cuda_backend->device_description().c_str());
+      backend = std::move(cuda_backend);
+    }
+    if (on_cpu) std::printf("  real size: the CPU backend (MOESCOPE_REAL_SIZE_DEVICE=cpu)\n");
+    Backend& gpu = *backend;
 
     for (size_t p = 0; p < prompts.size(); ++p) {
       const Json& ref = prompts[p];
