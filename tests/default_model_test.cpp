@@ -124,7 +124,7 @@ RequestOutput generate(const std::vector<int32_t>& prompt, int max_tokens, bool 
   return out.at(0);
 }
 
-// transformers' greedy generation with eos (samples printed by the training run): the same text, the
+// transformers' greedy generation with eos (samples printed by the training script's --evaluate run): the same text, the
 // same length, the same stop.
 TEST(DefaultModel, GreedyTextEqualsTransformersGeneration) {
   const Json golden = read_json_file(fixture("hf_greedy_samples.json"));

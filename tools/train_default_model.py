@@ -9,7 +9,7 @@
 # test.jsonl copied into an ignored folder, see docs/DEFAULT_MODEL.md):
 #
 #     python3 tools/train_default_model.py --data .device-data/gsm8k --work /tmp/moescope-train \
-#         --steps 650 --experts-impl grouped_mm
+#         --steps 1300 --experts-impl grouped_mm --aux-coef 0.0003
 #
 # --steps auto (the default) picks min(--max-epochs epochs, what fits --time-budget seconds at the
 # step time measured before training) and prints the number it chose; give that number to repeat a
@@ -1149,7 +1149,7 @@ def main():
     ap.add_argument("--min-lr-frac", type=float, default=0.1)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--weight-decay", type=float, default=0.1)
-    ap.add_argument("--aux-coef", type=float, default=0.01, help="router_aux_loss_coef")
+    ap.add_argument("--aux-coef", type=float, default=0.0003, help="router_aux_loss_coef")
     ap.add_argument("--chat-fraction", type=float, default=0.3, help="share of problems shown in ChatML form per epoch")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--smoke", action="store_true", help="only the few-step smoke run")
