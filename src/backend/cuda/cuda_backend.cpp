@@ -31,6 +31,24 @@ constexpr size_t k_workspace_reserve = size_t{1} << 30;
 size_t align_up(size_t n) { return (n + k_align - 1) / k_align * k_align; }
 int round_up8(int n) { return (n + 7) / 8 * 8; }
 
+std::set<std::string> parse_twice_stages() {
+  std::set<std::string> stages;
+  const char* env = std::getenv("MOESCOPE_CUDA_TWICE");
+  if (env == nullptr || *env == '\0') return stages;
+  static const std::set<std::string> known = {"input_norm", "qkv_proj",    "qkv_rope_cache",  "attention",    "o_proj",
+                                              "post_norm",  "router_topk", "experts_gate_up", "experts_down", "lm_head"};
+  std::string text = env;
+  for (size_t at = 0; at <= text.size();) {
+    const size_t comma = std::min(text.find(',', at), text.size());
+    const std::string stage = text.substr(at, comma - at);
+    if (known.count(stage) == 0) fail("MOESCOPE_CUDA_TWICE: unknown stage '{}'", stage);
+    stages.insert(stage);
+    at = comma + 1;
+  }
+  fmt::print(stderr, "moescope: MOESCOPE_CUDA_TWICE={}: those stages run twice (a timing diagnostic; outputs are not the model's)\n", env);
+  return stages;
+}
+
 // Bump allocator over a device arena; with a null base it only measures.
 class Arena {
  public:
@@ -231,6 +249,13 @@ struct CudaBackend::Impl {
   // MOESCOPE_CUDA_PROFILE=1: events between stages, summed per stage and printed at the end. Graphs
   // are off then (events inside would time the graph's nodes, not the eager launches).
   bool profile = std::getenv("MOESCOPE_CUDA_PROFILE") != nullptr;
+  // MOESCOPE_CUDA_TWICE=attention,router_topk,...: a diagnostic that launches those stages twice, so that
+  // a benchmark's difference with and without it is what the stage costs inside a replayed graph (launch
+  // gaps and warm caches included, which per-kernel profilers leave out). The outputs are then not the
+  // model's. Stages: input_norm qkv_proj qkv_rope_cache attention o_proj post_norm router_topk
+  // experts_gate_up experts_down lm_head.
+  std::set<std::string> twice_stages = parse_twice_stages();
+  int reps(const char* stage) const { return twice_stages.count(stage) > 0 ? 2 : 1; }
   std::vector<cudaEvent_t> profile_events;
   std::vector<const char*> mark_names;
   size_t num_marks = 0;
@@ -517,24 +542,32 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
     const DeviceLayer& L = layers[l];
     bf16* k_cache_l = k_cache.data() + l * layer_cache;
     bf16* v_cache_l = v_cache.data() + l * layer_cache;
-    rms_norm(p.h, small ? nullptr : p.h_bf16, p.x, nullptr, T, hidden, L.input_layernorm, c.rms_norm_eps, pending,
-             stream);                                                                          // residual += ffn; pre-norm
+    for (int r = reps("input_norm"); r-- > 0;)
+      rms_norm(p.h, small ? nullptr : p.h_bf16, p.x, nullptr, T, hidden, L.input_layernorm, c.rms_norm_eps, pending,
+               stream);                                                                        // residual += ffn; pre-norm
     mark("input_norm");
-    if (small) gemv(p.qkv, qkv_width, p.h, L.qkv, T, qkv_width, hidden, false, stream);       // q, k, v
-    else blas.gemm(p.qkv, qkv_width, p.h_bf16, L.qkv, T, qkv_width, hidden, 0.0f);
+    for (int r = reps("qkv_proj"); r-- > 0;) {
+      if (small) gemv(p.qkv, qkv_width, p.h, L.qkv, T, qkv_width, hidden, false, stream);     // q, k, v
+      else blas.gemm(p.qkv, qkv_width, p.h_bf16, L.qkv, T, qkv_width, hidden, 0.0f);
+    }
     mark("qkv_proj");
     const QkvParams qp{c.num_attention_heads, c.num_key_value_heads, c.head_dim, L.qkv_bias, qk_norm, L.q_norm,
                        L.k_norm, c.rms_norm_eps, c.clip_qkv, rope_inv_freq};
-    qkv_rope_cache(p.q, k_cache_l, v_cache_l, p.qkv, d_token_pos, d_slots, T, qp, stream);    // bias, norm, RoPE, cache
+    for (int r = reps("qkv_rope_cache"); r-- > 0;)
+      qkv_rope_cache(p.q, k_cache_l, v_cache_l, p.qkv, d_token_pos, d_slots, T, qp, stream);  // bias, norm, RoPE, cache
     mark("qkv_rope_cache");
-    attention(p.attn, small ? nullptr : p.attn_bf16, p.q, k_cache_l, v_cache_l, ab, c.num_attention_heads,
-              c.num_key_value_heads, c.head_dim, stream);                                      // causal GQA
+    for (int r = reps("attention"); r-- > 0;)
+      attention(p.attn, small ? nullptr : p.attn_bf16, p.q, k_cache_l, v_cache_l, ab, c.num_attention_heads,
+                c.num_key_value_heads, c.head_dim, stream);                                    // causal GQA
     mark("attention");
-    if (small) gemv(p.x, hidden, p.attn, L.o_proj, T, hidden, q_size, true, stream);          // residual += o_proj
-    else blas.gemm(p.x, hidden, p.attn_bf16, L.o_proj, T, hidden, q_size, 1.0f);
+    for (int r = reps("o_proj"); r-- > 0;) {
+      if (small) gemv(p.x, hidden, p.attn, L.o_proj, T, hidden, q_size, true, stream);        // residual += o_proj
+      else blas.gemm(p.x, hidden, p.attn_bf16, L.o_proj, T, hidden, q_size, 1.0f);
+    }
     mark("o_proj");
-    rms_norm(p.h, small ? nullptr : p.h_bf16, p.x, nullptr, T, hidden, L.post_attention_layernorm, c.rms_norm_eps, {},
-             stream);                                                                          // pre-norm
+    for (int r = reps("post_norm"); r-- > 0;)
+      rms_norm(p.h, small ? nullptr : p.h_bf16, p.x, nullptr, T, hidden, L.post_attention_layernorm, c.rms_norm_eps, {},
+               stream);                                                                        // pre-norm
     mark("post_norm");
     const ExpertWeights& f = L.ffn;
     if (L.is_moe) {
@@ -543,22 +576,27 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
       float* shared_gate = c.has_shared_expert() ? p.shared_gate : nullptr;
       const int slots_l = top_k + (c.has_shared_expert() ? 1 : 0);
       unsigned long long* tally_l = p.tallies + static_cast<size_t>(moe_index) * c.num_experts;
-      const bool grouped = router_topk(ids, weights_l, shared_gate, p.h, L.router, T, hidden, c.num_experts, top_k,
-                                       c.norm_topk_prob, stream, &groups,
-                                       {tally_l, tally_l + tally_count});                      // routes -> pass buffer
+      bool grouped = false;
+      for (int r = reps("router_topk"); r-- > 0;)
+        grouped = router_topk(ids, weights_l, shared_gate, p.h, L.router, T, hidden, c.num_experts, top_k,
+                              c.norm_topk_prob, stream, &groups, {tally_l, tally_l + tally_count});  // routes -> pass buffer
       mark("router_topk");
       if (!grouped) align_by_expert(groups, ids, num_pairs, c.num_experts, stream);           // pairs by expert
       mark("align_by_expert");
       if (small) {
-        experts_gate_up_small(p.h_small, ld_h, p.h, f, groups, T, hidden, c.num_experts, top_k, stream);
+        for (int r = reps("experts_gate_up"); r-- > 0;)
+          experts_gate_up_small(p.h_small, ld_h, p.h, f, groups, T, hidden, c.num_experts, top_k, stream);
         mark("experts_gate_up (+shared)");
-        experts_down_small(p.ffn_out, slots_l, p.h_small, ld_h, weights_l, f, groups, T, hidden, c.num_experts, top_k,
-                           stream);                                                            // experts + shared
+        for (int r = reps("experts_down"); r-- > 0;)
+          experts_down_small(p.ffn_out, slots_l, p.h_small, ld_h, weights_l, f, groups, T, hidden, c.num_experts, top_k,
+                             stream);                                                          // experts + shared
         mark("experts_down (+shared)");
       } else {
-        experts_gate_up_grouped(p.hb, p.h_bf16, f, groups, T, hidden, c.num_experts, top_k, stream);
+        for (int r = reps("experts_gate_up"); r-- > 0;)
+          experts_gate_up_grouped(p.hb, p.h_bf16, f, groups, T, hidden, c.num_experts, top_k, stream);
         mark("experts_gate_up");
-        experts_down_grouped(p.ffn_out, slots_l, p.hb, weights_l, f, groups, T, hidden, c.num_experts, top_k, stream);
+        for (int r = reps("experts_down"); r-- > 0;)
+          experts_down_grouped(p.ffn_out, slots_l, p.hb, weights_l, f, groups, T, hidden, c.num_experts, top_k, stream);
         mark("experts_down");
         if (f.dense_gate_up != nullptr) {                                                      // shared expert
           blas.gemm(p.dense_gate_up, 2 * f.dense_inter, p.h_bf16, f.dense_gate_up, T, 2 * f.dense_inter, hidden, 0.0f);
@@ -586,8 +624,10 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
   rms_norm(p.h_last, sh.small_head ? nullptr : p.h_last_bf16, p.x, d_last_rows, S, hidden, norm, c.rms_norm_eps,
            pending, stream);                                                                   // final norm, last rows
   mark("final_norm");
-  if (sh.small_head) gemv(p.logits, c.vocab_size, p.h_last, lm_head, S, c.vocab_size, hidden, false, stream);  // LM head
-  else blas.gemm(p.logits, c.vocab_size, p.h_last_bf16, lm_head, S, c.vocab_size, hidden, 0.0f);
+  for (int r = reps("lm_head"); r-- > 0;) {
+    if (sh.small_head) gemv(p.logits, c.vocab_size, p.h_last, lm_head, S, c.vocab_size, hidden, false, stream);  // LM head
+    else blas.gemm(p.logits, c.vocab_size, p.h_last_bf16, lm_head, S, c.vocab_size, hidden, 0.0f);
+  }
   mark("lm_head");
 }
 
