@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <map>
 #include <tuple>
 
@@ -446,6 +447,21 @@ TEST_F(CudaBackendTest, DeviceTalliesRecordWhatTheRoutesRecordUnderGraphs) {
       for (int64_t n : row.get<std::vector<int64_t>>()) total += n;
     EXPECT_EQ(total, static_cast<int64_t>(shape.moe_layers.size()) * shape.top_k * routes["num_tokens"].get<int64_t>());
   }
+}
+
+// MOESCOPE_CUDA_TWICE (a timing diagnostic) names stages; a name it does not know is one clear error.
+TEST_F(CudaBackendTest, UnknownStageInTheTimingDiagnosticIsAClearError) {
+  Json reference;
+  const auto weights = load_fixture("qwen2_moe_gqa_shared", &reference);
+  ASSERT_TRUE(weights);
+  ::setenv("MOESCOPE_CUDA_TWICE", "attention,bogus", 1);
+  try {
+    cuda::CudaBackend gpu(weights, small_options(8));
+    ADD_FAILURE() << "an unknown stage was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("unknown stage 'bogus'"), std::string::npos) << e.what();
+  }
+  ::unsetenv("MOESCOPE_CUDA_TWICE");
 }
 
 TEST_F(CudaBackendTest, KvCacheFullIsAClearErrorAndFreedBlocksAreReused) {
