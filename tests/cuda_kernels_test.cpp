@@ -591,6 +591,8 @@ TEST_F(CudaKernels, AttentionMatchesCpuAttentionOverPagedCache) {
     const std::vector<std::vector<int32_t>> tables = {{17, 3, 40, 8, 22, 63}, {5, 30}, {12, 0, 51, 9}};
     DeviceBuffer<uint16_t> k_cache(static_cast<size_t>(num_blocks) * block_size * kv_size),
         v_cache(static_cast<size_t>(num_blocks) * block_size * kv_size);
+    // The same passes through an f32 cache (--kv-cache-dtype float32): nothing rounded to bf16 on the way.
+    DeviceBuffer<float> k_cache32(k_cache.size()), v_cache32(v_cache.size());
     std::vector<int32_t> table_flat(3 * max_blocks, 0);
     for (int s = 0; s < 3; ++s) std::copy(tables[s].begin(), tables[s].end(), table_flat.begin() + s * max_blocks);
     auto d_tables = to_device(table_flat);
@@ -669,6 +671,18 @@ TEST_F(CudaKernels, AttentionMatchesCpuAttentionOverPagedCache) {
       expect_close(fmt::format("attention {} pass {} ({} prefill tiles, {} decode rows)", ac.name, pass + 1, tiles.size(),
                                decode_rows.size()),
                    got, ref, k_bf16_tol);
+      {
+        DeviceBuffer<float> d_q32(static_cast<size_t>(T) * q_size);
+        auto d_attn32 = test::poisoned(static_cast<size_t>(T) * q_size);
+        cuda::qkv_rope_cache(d_q32.data(), k_cache32.data(), v_cache32.data(), d_qkv.data(), d_pos.data(), d_slots.data(),
+                             T, qp, nullptr);
+        cuda::attention(d_attn32.data(), nullptr, d_q32.data(), k_cache32.data(), v_cache32.data(), ab, ac.heads,
+                        ac.kv_heads, ac.head_dim, nullptr);
+        const auto attn32 = to_host(d_attn32, static_cast<size_t>(T) * q_size);
+        std::vector<float> got32(ref.size());
+        cpu::matmul(got32.data(), attn32.data(), T, w.o_proj);
+        expect_close(fmt::format("attention {} pass {}, f32 cache", ac.name, pass + 1), got32, ref, k_f32_tol);
+      }
 
       // The cache holds the CPU's k and v (after norm, clip and RoPE), rounded to bf16.
       const auto kc = to_host(k_cache, k_cache.size()), vc = to_host(v_cache, v_cache.size());

@@ -181,6 +181,9 @@ TEST(CudaRealSize, RoutesAndTokensAgreeWithTransformers) {
     } else {
       cuda::CudaBackendOptions options;  // the defaults moescope serves with (small path <= 8 tokens, CUDA graphs)
       options.max_kv_tokens = 8192;      // one sequence of ~100 tokens at a time
+      // MOESCOPE_REAL_SIZE_KV_DTYPE=float32: the KV cache in f32 (--kv-cache-dtype float32).
+      options.kv_cache_f32 = env("MOESCOPE_REAL_SIZE_KV_DTYPE") == "float32";
+      if (options.kv_cache_f32) std::printf("  real size: KV cache in float32\n");
       auto cuda_backend = std::make_unique<cuda::CudaBackend>(weights, options);
       std::printf("  real size: weights and backend ready in %.1f s (%.1f GB on the device, %s)\n", seconds_since(start),
                   cuda_backend->weight_bytes() / 1e9, cuda_backend->device_description().c_str());

@@ -627,6 +627,13 @@ TEST(ModelLoadingCli, MissingDirectory) {
   expect_cli_error(dir / "absent", {(dir / "absent").string()});
 }
 
+TEST(ModelLoadingCli, UnknownKvCacheDtypeIsRejected) {
+  const CommandResult r = run_command(moescope_command("generate --prompt-ids 1,2 --kv-cache-dtype fp8 2>&1"));
+  EXPECT_NE(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("--kv-cache-dtype"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("fp8"), std::string::npos) << r.output;
+}
+
 TEST(ModelLoadingCli, MissingTensor) {
   TempDir dir;
   drop_expert_down_proj(dir);

@@ -62,6 +62,9 @@ std::unique_ptr<Backend> make_backend(const std::string& device, std::shared_ptr
   o.gpu_memory_utilization = options.gpu_memory_utilization;
   o.max_kv_tokens = options.max_kv_tokens;
   o.cuda_graphs = !options.enforce_eager;
+  if (options.kv_cache_dtype != "auto" && options.kv_cache_dtype != "bfloat16" && options.kv_cache_dtype != "float32")
+    fail("--kv-cache-dtype {}: expected auto, bfloat16 or float32", options.kv_cache_dtype);
+  o.kv_cache_f32 = options.kv_cache_dtype == "float32";
   return std::make_unique<cuda::CudaBackend>(std::move(weights), o);
 #else
   (void)options;

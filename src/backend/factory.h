@@ -12,6 +12,7 @@ struct BackendOptions {
   double gpu_memory_utilization = 0.9;  // CUDA: share of the GPU's memory the backend may take
   int64_t max_kv_tokens = 0;            // CUDA: KV cache size in tokens (0: what the utilisation leaves)
   bool enforce_eager = false;           // CUDA: no CUDA graphs for decode passes
+  std::string kv_cache_dtype = "auto";  // CUDA: auto | bfloat16 (the same) | float32
 };
 
 // True when this build has the CUDA backend.

@@ -15,7 +15,7 @@ inline void add_device_option(CLI::App* cmd, std::string& device) {
       ->capture_default_str();
 }
 
-// vLLM's names: --gpu-memory-utilization, --block-size, --enforce-eager.
+// vLLM's names: --gpu-memory-utilization, --block-size, --enforce-eager, --kv-cache-dtype.
 inline void add_gpu_options(CLI::App* cmd, BackendOptions& options) {
   cmd->add_option("--gpu-memory-utilization", options.gpu_memory_utilization,
                   "Share of the GPU's memory for weights, KV cache and workspace")
@@ -25,6 +25,10 @@ inline void add_gpu_options(CLI::App* cmd, BackendOptions& options) {
       ->check(CLI::Range(1, 1024))
       ->capture_default_str();
   cmd->add_flag("--enforce-eager", options.enforce_eager, "No CUDA graphs: launch every kernel of a decode pass");
+  cmd->add_option("--kv-cache-dtype", options.kv_cache_dtype,
+                  "KV cache element type on the GPU: auto (bfloat16), bfloat16, or float32 (exact keys and values, twice the memory)")
+      ->check(CLI::IsMember({"auto", "bfloat16", "float32"}))
+      ->capture_default_str();
 }
 
 // For commands that run on the CPU only so far: an explicit --device cuda is an error, auto means cpu.

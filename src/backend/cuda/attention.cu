@@ -15,15 +15,32 @@ constexpr int k_rows_per_warp = k_prefill_tile_rows / k_warps;  // prefill rows 
 constexpr int k_max_head_dim = 256;
 constexpr int k_value_chunk = 16;  // decode: positions whose values are loaded together
 
+// Eight consecutive cached values (16 bytes of bf16, or 32 of f32) as floats.
+__device__ __forceinline__ void load8(const bf16* at, float out[8]) {
+  const uint4 w = __ldg(reinterpret_cast<const uint4*>(at));
+  const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = bf16_lo(ws[i]);
+    out[2 * i + 1] = bf16_hi(ws[i]);
+  }
+}
+__device__ __forceinline__ void load8(const float* at, float out[8]) {
+  const float4 a = __ldg(reinterpret_cast<const float4*>(at)), b = __ldg(reinterpret_cast<const float4*>(at) + 1);
+  out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+}
+__device__ __forceinline__ float load1(const bf16* at) { return bf16_to_float(*at); }
+__device__ __forceinline__ float load1(const float* at) { return *at; }
+
 __device__ __forceinline__ int64_t cache_row(const int32_t* block_table, int block_size, int pos) {
   return static_cast<int64_t>(block_table[pos / block_size]) * block_size + pos % block_size;
 }
 
 // grid (num_prefill_tiles, num_heads). NCH = ceil(head_dim / 32): dims lane + 32 c for c < NCH per lane.
 // Dynamic shared memory: q [64][hd], k [32][hd + 1] (padded: lanes read different rows), v [32][hd].
-template <int NCH>
+template <int NCH, typename CacheT>
 __global__ void __launch_bounds__(k_threads)
-    attention_prefill_kernel(float* out, bf16* out_bf16, const float* q, const bf16* k_cache, const bf16* v_cache,
+    attention_prefill_kernel(float* out, bf16* out_bf16, const float* q, const CacheT* k_cache, const CacheT* v_cache,
                              AttentionBatch b, int num_heads, int num_kv_heads, int hd, float scale) {
   extern __shared__ float smem[];
   float* qs = smem;
@@ -53,21 +70,18 @@ __global__ void __launch_bounds__(k_threads)
     const int chunks_per_row = hd / 8;  // 16-byte pieces of a cached row
     for (int c = tid; c < k_key_block * chunks_per_row; c += k_threads) {
       const int j = c / chunks_per_row, d = (c % chunks_per_row) * 8, pos = k0 + j;
-      uint4 kv = make_uint4(0, 0, 0, 0), vv = kv;
+      float kf[8] = {}, vf[8] = {};
       if (pos <= last_pos) {
         const int64_t at = cache_row(block_table, b.block_size, pos) * kv_size + kvh * hd + d;
-        kv = __ldg(reinterpret_cast<const uint4*>(k_cache + at));
-        vv = __ldg(reinterpret_cast<const uint4*>(v_cache + at));
+        load8(k_cache + at, kf);
+        load8(v_cache + at, vf);
       }
       float* kd = ks + j * (hd + 1) + d;
       float* vd = vs + j * hd + d;
-      const uint32_t kw[4] = {kv.x, kv.y, kv.z, kv.w}, vw[4] = {vv.x, vv.y, vv.z, vv.w};
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        kd[2 * i] = bf16_lo(kw[i]);
-        kd[2 * i + 1] = bf16_hi(kw[i]);
-        vd[2 * i] = bf16_lo(vw[i]);
-        vd[2 * i + 1] = bf16_hi(vw[i]);
+      for (int i = 0; i < 8; ++i) {
+        kd[i] = kf[i];
+        vd[i] = vf[i];
       }
     }
     __syncthreads();
@@ -119,9 +133,9 @@ __global__ void __launch_bounds__(k_threads)
 
 // grid (num_decode, num_heads). Warp w takes key blocks w, w + 8, ...; the eight partial softmaxes are
 // merged at the end.
-template <int NCH>
+template <int NCH, typename CacheT>
 __global__ void __launch_bounds__(k_threads)
-    attention_decode_kernel(float* out, bf16* out_bf16, const float* q, const bf16* k_cache, const bf16* v_cache,
+    attention_decode_kernel(float* out, bf16* out_bf16, const float* q, const CacheT* k_cache, const CacheT* v_cache,
                             AttentionBatch b, int num_heads, int num_kv_heads, int hd, float scale) {
   __shared__ __align__(16) float qs[k_max_head_dim];
   __shared__ float part_m[k_warps], part_l[k_warps], part_acc[k_warps][k_max_head_dim];
@@ -143,15 +157,28 @@ __global__ void __launch_bounds__(k_threads)
     int64_t at = 0;  // this lane's cache row offset (k and v), for the shuffle below
     if (key <= pos) {
       at = cache_row(block_table, b.block_size, key) * kv_size + kvh * hd;
-      const uint4* kr = reinterpret_cast<const uint4*>(k_cache + at);
-      uint4 kv[4 * NCH];  // the whole key row (head_dim % 8 == 0, <= 32 * NCH): every load in flight
-#pragma unroll
-      for (int v = 0; v < 4 * NCH; ++v) kv[v] = v < hd / 8 ? __ldg(kr + v) : make_uint4(0, 0, 0, 0);
       float dot = 0.0f;
+      if constexpr (sizeof(CacheT) == 2) {
+        const uint4* kr = reinterpret_cast<const uint4*>(k_cache + at);
+        uint4 kv[4 * NCH];  // the whole key row (head_dim % 8 == 0, <= 32 * NCH): every load in flight
 #pragma unroll
-      for (int v = 0; v < 4 * NCH; ++v)
-        if (v < hd / 8)
-          dot = dot8(kv[v], *reinterpret_cast<const float4*>(qs + 8 * v), *reinterpret_cast<const float4*>(qs + 8 * v + 4), dot);
+        for (int v = 0; v < 4 * NCH; ++v) kv[v] = v < hd / 8 ? __ldg(kr + v) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int v = 0; v < 4 * NCH; ++v)
+          if (v < hd / 8)
+            dot = dot8(kv[v], *reinterpret_cast<const float4*>(qs + 8 * v), *reinterpret_cast<const float4*>(qs + 8 * v + 4), dot);
+      } else {  // f32 cache: the row as float4s, every load in flight
+        const float4* kr = reinterpret_cast<const float4*>(k_cache + at);
+        float4 kv[8 * NCH];
+#pragma unroll
+        for (int v = 0; v < 8 * NCH; ++v) kv[v] = v < hd / 4 ? __ldg(kr + v) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+        for (int v = 0; v < 8 * NCH; ++v)
+          if (v < hd / 4) {
+            const float4 qv = *reinterpret_cast<const float4*>(qs + 4 * v);
+            dot = fmaf(kv[v].x, qv.x, fmaf(kv[v].y, qv.y, fmaf(kv[v].z, qv.z, fmaf(kv[v].w, qv.w, dot))));
+          }
+      }
       s = dot * scale;
     }
     const float m_new = fmaxf(m, warp_max(s));
@@ -169,7 +196,7 @@ __global__ void __launch_bounds__(k_threads)
 #pragma unroll
         for (int c = 0; c < NCH; ++c) {
           const int d = lane + 32 * c;
-          vv[jj][c] = d < hd && j0 + jj < valid ? bf16_to_float(v_cache[vat + d]) : 0.0f;
+          vv[jj][c] = d < hd && j0 + jj < valid ? load1(v_cache + vat + d) : 0.0f;
         }
       }
 #pragma unroll
@@ -208,31 +235,30 @@ __global__ void __launch_bounds__(k_threads)
   }
 }
 
-template <int NCH>
-void launch(float* out, bf16* out_bf16, const float* q, const bf16* k_cache, const bf16* v_cache,
+template <int NCH, typename CacheT>
+void launch(float* out, bf16* out_bf16, const float* q, const CacheT* k_cache, const CacheT* v_cache,
             const AttentionBatch& b, int num_heads, int num_kv_heads, int hd, cudaStream_t stream) {
   const float scale = 1.0f / sqrtf(static_cast<float>(hd));
   if (b.num_prefill_tiles > 0) {
     const size_t smem =
         (static_cast<size_t>(k_prefill_tile_rows) * hd + k_key_block * (hd + 1) + k_key_block * hd) * sizeof(float);
     if (smem > 48 * 1024)
-      CUDA_CHECK(cudaFuncSetAttribute(attention_prefill_kernel<NCH>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      CUDA_CHECK(cudaFuncSetAttribute(attention_prefill_kernel<NCH, CacheT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem)));
-    attention_prefill_kernel<NCH><<<dim3(b.num_prefill_tiles, num_heads), k_threads, smem, stream>>>(
+    attention_prefill_kernel<NCH, CacheT><<<dim3(b.num_prefill_tiles, num_heads), k_threads, smem, stream>>>(
         out, out_bf16, q, k_cache, v_cache, b, num_heads, num_kv_heads, hd, scale);
     CUDA_CHECK_LAUNCH();
   }
   if (b.num_decode > 0) {
-    attention_decode_kernel<NCH><<<dim3(b.num_decode, num_heads), k_threads, 0, stream>>>(
+    attention_decode_kernel<NCH, CacheT><<<dim3(b.num_decode, num_heads), k_threads, 0, stream>>>(
         out, out_bf16, q, k_cache, v_cache, b, num_heads, num_kv_heads, hd, scale);
     CUDA_CHECK_LAUNCH();
   }
 }
 
-}  // namespace
-
-void attention(float* out, bf16* out_bf16, const float* q, const bf16* k_cache, const bf16* v_cache,
-               const AttentionBatch& batch, int num_heads, int num_kv_heads, int head_dim, cudaStream_t stream) {
+template <typename CacheT>
+void dispatch(float* out, bf16* out_bf16, const float* q, const CacheT* k_cache, const CacheT* v_cache,
+              const AttentionBatch& batch, int num_heads, int num_kv_heads, int head_dim, cudaStream_t stream) {
   if (head_dim % 8 != 0 || head_dim > k_max_head_dim) argument_error("attention", "head_dim must be a multiple of 8, at most 256");
   if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0) argument_error("attention", "num_heads must be a multiple of num_kv_heads");
   const int nch = (head_dim + 31) / 32;
@@ -240,6 +266,18 @@ void attention(float* out, bf16* out_bf16, const float* q, const bf16* k_cache, 
   else if (nch == 2) launch<2>(out, out_bf16, q, k_cache, v_cache, batch, num_heads, num_kv_heads, head_dim, stream);
   else if (nch <= 4) launch<4>(out, out_bf16, q, k_cache, v_cache, batch, num_heads, num_kv_heads, head_dim, stream);
   else launch<8>(out, out_bf16, q, k_cache, v_cache, batch, num_heads, num_kv_heads, head_dim, stream);
+}
+
+}  // namespace
+
+void attention(float* out, bf16* out_bf16, const float* q, const bf16* k_cache, const bf16* v_cache,
+               const AttentionBatch& batch, int num_heads, int num_kv_heads, int head_dim, cudaStream_t stream) {
+  dispatch(out, out_bf16, q, k_cache, v_cache, batch, num_heads, num_kv_heads, head_dim, stream);
+}
+
+void attention(float* out, bf16* out_bf16, const float* q, const float* k_cache, const float* v_cache,
+               const AttentionBatch& batch, int num_heads, int num_kv_heads, int head_dim, cudaStream_t stream) {
+  dispatch(out, out_bf16, q, k_cache, v_cache, batch, num_heads, num_kv_heads, head_dim, stream);
 }
 
 }  // namespace moescope::cuda

@@ -216,7 +216,8 @@ struct CudaBackend::Impl {
 
   // Paged KV cache: per layer [num_blocks * block_size, kv_size] bf16.
   int64_t num_blocks = 0;
-  DeviceBuffer<bf16> k_cache, v_cache;
+  DeviceBuffer<bf16> k_cache, v_cache;      // bf16 cache (the default)
+  DeviceBuffer<float> k_cache32, v_cache32;  // f32 cache (options.kv_cache_f32), the other pair stays empty
   std::vector<int32_t> free_blocks;
   std::unordered_map<int, SequenceBlocks> caches;
   int next_cache_id = 0;
@@ -403,7 +404,8 @@ void CudaBackend::Impl::upload_weights() {
 
 void CudaBackend::Impl::size_kv_cache() {
   const int bs = options.block_size;
-  const size_t bytes_per_block = 2 * static_cast<size_t>(c.num_hidden_layers) * bs * c.kv_size() * sizeof(bf16);
+  const size_t element_bytes = options.kv_cache_f32 ? sizeof(float) : sizeof(bf16);
+  const size_t bytes_per_block = 2 * static_cast<size_t>(c.num_hidden_layers) * bs * c.kv_size() * element_bytes;
   size_t free = 0, total = 0;
   CUDA_CHECK(cudaMemGetInfo(&free, &total));
   if (options.max_kv_tokens > 0) {
@@ -423,8 +425,13 @@ void CudaBackend::Impl::size_kv_cache() {
            usable / k_gib, bs, bytes_per_block / 1048576.0);
   }
   const size_t elements = static_cast<size_t>(c.num_hidden_layers) * num_blocks * bs * c.kv_size();
-  k_cache = DeviceBuffer<bf16>(elements);
-  v_cache = DeviceBuffer<bf16>(elements);
+  if (options.kv_cache_f32) {
+    k_cache32 = DeviceBuffer<float>(elements);
+    v_cache32 = DeviceBuffer<float>(elements);
+  } else {
+    k_cache = DeviceBuffer<bf16>(elements);
+    v_cache = DeviceBuffer<bf16>(elements);
+  }
   free_blocks.resize(static_cast<size_t>(num_blocks));
   for (int64_t b = 0; b < num_blocks; ++b) free_blocks[static_cast<size_t>(b)] = static_cast<int32_t>(num_blocks - 1 - b);
 }
@@ -540,8 +547,11 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
   int moe_index = 0;
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     const DeviceLayer& L = layers[l];
-    bf16* k_cache_l = k_cache.data() + l * layer_cache;
-    bf16* v_cache_l = v_cache.data() + l * layer_cache;
+    const bool f32_cache = options.kv_cache_f32;
+    bf16* k_cache_l = f32_cache ? nullptr : k_cache.data() + l * layer_cache;
+    bf16* v_cache_l = f32_cache ? nullptr : v_cache.data() + l * layer_cache;
+    float* k_cache32_l = f32_cache ? k_cache32.data() + l * layer_cache : nullptr;
+    float* v_cache32_l = f32_cache ? v_cache32.data() + l * layer_cache : nullptr;
     for (int r = reps("input_norm"); r-- > 0;)
       rms_norm(p.h, small ? nullptr : p.h_bf16, p.x, nullptr, T, hidden, L.input_layernorm, c.rms_norm_eps, pending,
                stream);                                                                        // residual += ffn; pre-norm
@@ -554,11 +564,16 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
     const QkvParams qp{c.num_attention_heads, c.num_key_value_heads, c.head_dim, L.qkv_bias, qk_norm, L.q_norm,
                        L.k_norm, c.rms_norm_eps, c.clip_qkv, rope_inv_freq};
     for (int r = reps("qkv_rope_cache"); r-- > 0;)
-      qkv_rope_cache(p.q, k_cache_l, v_cache_l, p.qkv, d_token_pos, d_slots, T, qp, stream);  // bias, norm, RoPE, cache
+      if (f32_cache) qkv_rope_cache(p.q, k_cache32_l, v_cache32_l, p.qkv, d_token_pos, d_slots, T, qp, stream);
+      else qkv_rope_cache(p.q, k_cache_l, v_cache_l, p.qkv, d_token_pos, d_slots, T, qp, stream);  // bias, norm, RoPE, cache
     mark("qkv_rope_cache");
     for (int r = reps("attention"); r-- > 0;)
-      attention(p.attn, small ? nullptr : p.attn_bf16, p.q, k_cache_l, v_cache_l, ab, c.num_attention_heads,
-                c.num_key_value_heads, c.head_dim, stream);                                    // causal GQA
+      if (f32_cache)
+        attention(p.attn, small ? nullptr : p.attn_bf16, p.q, k_cache32_l, v_cache32_l, ab, c.num_attention_heads,
+                  c.num_key_value_heads, c.head_dim, stream);
+      else
+        attention(p.attn, small ? nullptr : p.attn_bf16, p.q, k_cache_l, v_cache_l, ab, c.num_attention_heads,
+                  c.num_key_value_heads, c.head_dim, stream);                                  // causal GQA
     mark("attention");
     for (int r = reps("o_proj"); r-- > 0;) {
       if (small) gemv(p.x, hidden, p.attn, L.o_proj, T, hidden, q_size, true, stream);        // residual += o_proj

@@ -19,6 +19,7 @@ struct CudaBackendOptions {
   int small_batch_max_tokens = 8;       // passes of up to this many tokens take the small-batch path
                                         // (f32 activations, own GEMV kernels); 0 forces the large path
   bool cuda_graphs = true;              // decode passes as CUDA graphs (false: vLLM's --enforce-eager)
+  bool kv_cache_f32 = false;            // keys and values cached in f32 (--kv-cache-dtype float32), else bf16
 };
 
 class CudaBackend final : public Backend {

@@ -62,9 +62,11 @@ struct QkvParams {
 };
 
 // qkv: [num_tokens, q_size + 2 * kv_size] f32 (the fused projection); q: [num_tokens, q_size] f32 out;
-// k_cache, v_cache: [num_cache_rows, kv_size] bf16, row slots[t] receives token t's k and v;
-// token_pos: [num_tokens] RoPE positions.
+// k_cache, v_cache: [num_cache_rows, kv_size] bf16 (or f32: --kv-cache-dtype float32), row slots[t]
+// receives token t's k and v; token_pos: [num_tokens] RoPE positions.
 void qkv_rope_cache(float* q, bf16* k_cache, bf16* v_cache, const float* qkv, const int32_t* token_pos,
+                    const int32_t* slots, int num_tokens, const QkvParams& p, cudaStream_t stream);
+void qkv_rope_cache(float* q, float* k_cache, float* v_cache, const float* qkv, const int32_t* token_pos,
                     const int32_t* slots, int num_tokens, const QkvParams& p, cudaStream_t stream);
 
 // --- Attention over the paged KV cache (attention.cu) ----------------------------------------------
@@ -90,8 +92,10 @@ struct AttentionBatch {
 
 // Causal GQA attention of every new token over its sequence's cached positions 0..pos (the new
 // tokens' k/v already written). q, out: [num_tokens, num_heads * head_dim] f32; out_bf16: same or
-// nullptr; k_cache, v_cache: [num_blocks * block_size, num_kv_heads * head_dim] bf16. head_dim <= 256.
+// nullptr; k_cache, v_cache: [num_blocks * block_size, num_kv_heads * head_dim] bf16 or f32. head_dim <= 256.
 void attention(float* out, bf16* out_bf16, const float* q, const bf16* k_cache, const bf16* v_cache,
+               const AttentionBatch& batch, int num_heads, int num_kv_heads, int head_dim, cudaStream_t stream);
+void attention(float* out, bf16* out_bf16, const float* q, const float* k_cache, const float* v_cache,
                const AttentionBatch& batch, int num_heads, int num_kv_heads, int head_dim, cudaStream_t stream);
 
 // --- Router and expert grouping (router.cu) --------------------------------------------------------

@@ -10,11 +10,16 @@ namespace {
 
 constexpr int k_threads = 128;
 
+// A k/v value into the cache: rounded to bf16, or kept in f32 (--kv-cache-dtype float32).
+__device__ __forceinline__ void store_cache(bf16* at, float v) { *at = float_to_bf16(v); }
+__device__ __forceinline__ void store_cache(float* at, float v) { *at = v; }
+
 // One block per token. Dynamic shared memory: the token's row [q_size + 2 * kv_size] f32.
 // q: [T, q_size]; k_cache, v_cache: [cache rows, kv_size]; qkv: [T, q_size + 2 * kv_size];
 // token_pos, slots: [T].
+template <typename CacheT>
 __global__ void __launch_bounds__(k_threads)
-    qkv_rope_cache_kernel(float* q, bf16* k_cache, bf16* v_cache, const float* qkv, const int32_t* token_pos,
+    qkv_rope_cache_kernel(float* q, CacheT* k_cache, CacheT* v_cache, const float* qkv, const int32_t* token_pos,
                           const int32_t* slots, QkvParams p) {
   extern __shared__ float row[];
   __shared__ float scratch[32];
@@ -72,16 +77,17 @@ __global__ void __launch_bounds__(k_threads)
   for (int i = tid; i < q_size; i += k_threads) q_out[i] = row[i];
   const int64_t slot = slots[t];
   for (int i = tid; i < kv_size; i += k_threads) {
-    k_cache[slot * kv_size + i] = float_to_bf16(row[q_size + i]);
-    v_cache[slot * kv_size + i] = float_to_bf16(row[q_size + kv_size + i]);
+    store_cache(k_cache + slot * kv_size + i, row[q_size + i]);
+    store_cache(v_cache + slot * kv_size + i, row[q_size + kv_size + i]);
   }
 }
 
 constexpr int k_head_threads = 64;
 
 // grid (T, num_heads + 2 * num_kv_heads): q heads, then k heads, then v heads, as in the fused row.
+template <typename CacheT>
 __global__ void __launch_bounds__(k_head_threads)
-    qkv_head_kernel(float* q, bf16* k_cache, bf16* v_cache, const float* qkv, const int32_t* token_pos,
+    qkv_head_kernel(float* q, CacheT* k_cache, CacheT* v_cache, const float* qkv, const int32_t* token_pos,
                     const int32_t* slots, QkvParams p) {
   __shared__ float v[256];  // one head (head_dim <= 256)
   __shared__ float scratch[32];
@@ -121,30 +127,41 @@ __global__ void __launch_bounds__(k_head_threads)
   if (kind == 0) {
     for (int i = tid; i < hd; i += k_head_threads) q[static_cast<int64_t>(t) * q_size + at + i] = v[i];
   } else {
-    bf16* cache = kind == 1 ? k_cache : v_cache;
+    CacheT* cache = kind == 1 ? k_cache : v_cache;
     const int64_t base = static_cast<int64_t>(slots[t]) * kv_size + (h - nh - (kind == 2 ? nkv : 0)) * hd;
-    for (int i = tid; i < hd; i += k_head_threads) cache[base + i] = float_to_bf16(v[i]);
+    for (int i = tid; i < hd; i += k_head_threads) store_cache(cache + base + i, v[i]);
   }
 }
 
-}  // namespace
-
-void qkv_rope_cache(float* q, bf16* k_cache, bf16* v_cache, const float* qkv, const int32_t* token_pos,
-                    const int32_t* slots, int num_tokens, const QkvParams& p, cudaStream_t stream) {
+template <typename CacheT>
+void launch_qkv(float* q, CacheT* k_cache, CacheT* v_cache, const float* qkv, const int32_t* token_pos,
+                const int32_t* slots, int num_tokens, const QkvParams& p, cudaStream_t stream) {
   if (num_tokens == 0) return;
   if (p.head_dim % 2 != 0 || p.head_dim > 256) argument_error("qkv_rope_cache", "head_dim must be even, at most 256");
   if (p.qk_norm != QkNormKind::Full) {
-    qkv_head_kernel<<<dim3(num_tokens, p.num_heads + 2 * p.num_kv_heads), k_head_threads, 0, stream>>>(
+    qkv_head_kernel<CacheT><<<dim3(num_tokens, p.num_heads + 2 * p.num_kv_heads), k_head_threads, 0, stream>>>(
         q, k_cache, v_cache, qkv, token_pos, slots, p);
     CUDA_CHECK_LAUNCH();
     return;
   }
   const size_t smem = static_cast<size_t>(p.num_heads + 2 * p.num_kv_heads) * p.head_dim * sizeof(float);
   if (smem > 48 * 1024)
-    CUDA_CHECK(cudaFuncSetAttribute(qkv_rope_cache_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    CUDA_CHECK(cudaFuncSetAttribute(qkv_rope_cache_kernel<CacheT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(smem)));
-  qkv_rope_cache_kernel<<<num_tokens, k_threads, smem, stream>>>(q, k_cache, v_cache, qkv, token_pos, slots, p);
+  qkv_rope_cache_kernel<CacheT><<<num_tokens, k_threads, smem, stream>>>(q, k_cache, v_cache, qkv, token_pos, slots, p);
   CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void qkv_rope_cache(float* q, bf16* k_cache, bf16* v_cache, const float* qkv, const int32_t* token_pos,
+                    const int32_t* slots, int num_tokens, const QkvParams& p, cudaStream_t stream) {
+  launch_qkv(q, k_cache, v_cache, qkv, token_pos, slots, num_tokens, p, stream);
+}
+
+void qkv_rope_cache(float* q, float* k_cache, float* v_cache, const float* qkv, const int32_t* token_pos,
+                    const int32_t* slots, int num_tokens, const QkvParams& p, cudaStream_t stream) {
+  launch_qkv(q, k_cache, v_cache, qkv, token_pos, slots, num_tokens, p, stream);
 }
 
 }  // namespace moescope::cuda
