@@ -26,12 +26,6 @@ double row_height(int rows) {
   return std::min(k_max_grid_height / rows, std::max(k_max_row_height, k_min_bar_height / rows));
 }
 
-int label_step(double pitch, double min_gap) {
-  for (int step : {1, 2, 4, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000})
-    if (pitch * step >= min_gap) return step;
-  return 1000;
-}
-
 }  // namespace
 
 int heatmap_height(int rows) {
@@ -96,14 +90,7 @@ void plot_expert_heatmap(const std::filesystem::path& path, const HeatmapPlot& p
   }
   vertical_text(cr, "layer", 30, (k_top + bottom) / 2, 13, k_muted);
   const int col_step = label_step(col_w, text_width(cr, std::to_string(num_experts - 1), 12) + 12);
-  for (int e = 0; e < num_experts; e += col_step) {
-    const double x = std::round(k_left + col_w * (e + 0.5)) + 0.5;
-    set_source(cr, k_axis);
-    cairo_move_to(cr, x, bottom + 1);
-    cairo_line_to(cr, x, bottom + 5);
-    cairo_stroke(cr);
-    text(cr, std::to_string(e), x, bottom + 19, 12, k_ink, Align::kCenter);
-  }
+  column_ticks(cr, k_left, col_w, num_experts, col_step, bottom + 1, bottom + 5, bottom + 19, 12);
   text(cr, "expert id", (k_left + k_right) / 2, bottom + 42, 13, k_muted, Align::kCenter);
 
   // Colour bar, drawn as thin bands from 0 (bottom) to vmax (top).

@@ -130,14 +130,7 @@ void plot_expert_histogram(const std::filesystem::path& path, const HistogramPlo
   cairo_stroke(cr);
   // The widest id label plus a margin: two-digit ids may sit closer than three-digit ones.
   const int step = x_label_step(slot, text_width(cr, std::to_string(num_experts - 1), 12) + 12);
-  for (int e = 0; e < num_experts; e += step) {
-    const double x = std::round(k_left + slot * (e + 0.5)) + 0.5;
-    set_source(cr, k_axis);
-    cairo_move_to(cr, x, k_bottom + 0.5);
-    cairo_line_to(cr, x, k_bottom + 5.5);
-    cairo_stroke(cr);
-    text(cr, std::to_string(e), x, k_bottom + 20, 12, k_ink, Align::kCenter);
-  }
+  column_ticks(cr, k_left, slot, num_experts, step, k_bottom + 0.5, k_bottom + 5.5, k_bottom + 20, 12);
   text(cr, "expert id", (k_left + k_right) / 2, k_bottom + 44, 13, k_muted, Align::kCenter);
 
   // Legend.

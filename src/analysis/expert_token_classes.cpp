@@ -48,12 +48,6 @@ std::vector<double> grid_row_heights(const TokenClassPlot& p) {
   return heights;
 }
 
-int label_step(double pitch, double min_gap) {
-  for (int step : {1, 2, 4, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000})
-    if (pitch * step >= min_gap) return step;
-  return 1000;
-}
-
 void draw_panel(cairo_t* cr, const TokenClassPlot& p, const TokenClassPanel& panel, double x0, double y0, double width,
                 double vmax) {
   text(cr, panel.title, x0, y0 + 14, 14, k_ink, Align::kLeft, Weight::kBold);
@@ -92,14 +86,7 @@ void draw_panel(cairo_t* cr, const TokenClassPlot& p, const TokenClassPanel& pan
   // Expert ids under the cells.
   const int step = label_step(col_w, text_width(cr, std::to_string(p.num_experts - 1), 10) + 8);
   cairo_set_line_width(cr, 1);
-  for (int e = 0; e < p.num_experts; e += step) {
-    const double x = std::round(grid_left + col_w * (e + 0.5)) + 0.5;
-    set_source(cr, k_axis);
-    cairo_move_to(cr, x, y + 1);
-    cairo_line_to(cr, x, y + 4);
-    cairo_stroke(cr);
-    text(cr, std::to_string(e), x, y + 15, 10, k_ink, Align::kCenter);
-  }
+  column_ticks(cr, grid_left, col_w, p.num_experts, step, y + 1, y + 4, y + 15, 10);
   text(cr, "expert", grid_left - 8, y + 15, 10.5, k_muted, Align::kRight);
 }
 

@@ -207,5 +207,23 @@ std::string tick_label(double v, double step) {
   return fmt::format("{:.{}f}", v, decimals);
 }
 
+int label_step(double pitch, double min_gap) {
+  for (int step : {1, 2, 4, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000})
+    if (pitch * step >= min_gap) return step;
+  return 1000;
+}
+
+void column_ticks(cairo_t* cr, double left, double pitch, int n, int step, double tick_top, double tick_bottom,
+                  double label_y, double size) {
+  for (int e = 0; e < n; e += step) {
+    const double x = std::round(left + pitch * (e + 0.5)) + 0.5;
+    set_source(cr, k_axis);
+    cairo_move_to(cr, x, tick_top);
+    cairo_line_to(cr, x, tick_bottom);
+    cairo_stroke(cr);
+    text(cr, std::to_string(e), x, label_y, size, k_ink, Align::kCenter);
+  }
+}
+
 }  // namespace plot
 }  // namespace moescope::analysis

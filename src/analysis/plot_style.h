@@ -60,4 +60,12 @@ std::string percent(double share, int decimals = 1);
 // A tick label: integers without decimals, otherwise as many decimals as the step needs.
 std::string tick_label(double v, double step);
 
+// Every `step`-th column of a row of columns `pitch` wide gets a label: the smallest step of
+// {1, 2, 4, 5, 10, 20, 25, ...} that keeps labels min_gap apart.
+int label_step(double pitch, double min_gap);
+// Ticks under columns 0, step, 2 step, ... of n columns `pitch` wide starting at x = left: a tick from
+// tick_top to tick_bottom and the column's index centred at label_y, in the given font size.
+void column_ticks(cairo_t* cr, double left, double pitch, int n, int step, double tick_top, double tick_bottom,
+                  double label_y, double size);
+
 }  // namespace moescope::analysis::plot

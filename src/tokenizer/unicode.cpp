@@ -141,13 +141,28 @@ bool is_whitespace(char32_t c) {
          c == 0x3000;
 }
 
-bool is_word_char(char32_t c) {
-  switch (utf8proc_category(static_cast<utf8proc_int32_t>(c))) {
+namespace {
+
+// \p{L}: the letter categories.
+bool is_letter_category(utf8proc_category_t category) {
+  switch (category) {
     case UTF8PROC_CATEGORY_LU:
     case UTF8PROC_CATEGORY_LL:
     case UTF8PROC_CATEGORY_LT:
     case UTF8PROC_CATEGORY_LM:
     case UTF8PROC_CATEGORY_LO:
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
+bool is_word_char(char32_t c) {
+  const utf8proc_category_t category = utf8proc_category(static_cast<utf8proc_int32_t>(c));
+  if (is_letter_category(category)) return true;
+  switch (category) {
     case UTF8PROC_CATEGORY_MN:
     case UTF8PROC_CATEGORY_MC:
     case UTF8PROC_CATEGORY_ME:
@@ -161,17 +176,6 @@ bool is_word_char(char32_t c) {
   }
 }
 
-bool is_letter(char32_t c) {
-  switch (utf8proc_category(static_cast<utf8proc_int32_t>(c))) {
-    case UTF8PROC_CATEGORY_LU:
-    case UTF8PROC_CATEGORY_LL:
-    case UTF8PROC_CATEGORY_LT:
-    case UTF8PROC_CATEGORY_LM:
-    case UTF8PROC_CATEGORY_LO:
-      return true;
-    default:
-      return false;
-  }
-}
+bool is_letter(char32_t c) { return is_letter_category(utf8proc_category(static_cast<utf8proc_int32_t>(c))); }
 
 }  // namespace moescope::unicode
