@@ -63,16 +63,7 @@ class ServeProcess {
   bool stopped_ = false;
 };
 
-class ServeCommand : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() {
-    dir_ = new test::TempDir();
-    test::make_tiny_model(dir_->path());
-  }
-  static void TearDownTestSuite() { delete dir_; }
-  static test::TempDir* dir_;
-};
-test::TempDir* ServeCommand::dir_ = nullptr;
+class ServeCommand : public test::TinyModelSuite {};
 
 TEST_F(ServeCommand, TheOfficialOpenAiClientWorksAgainstIt) {
   const fs::path node_dir = test::source_dir() / "tests" / "node";

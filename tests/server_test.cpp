@@ -95,16 +95,7 @@ std::vector<std::string> sse_events(const std::string& body) {
   return events;
 }
 
-class ServerTest : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() {
-    dir_ = new test::TempDir();
-    test::make_tiny_model(dir_->path());
-  }
-  static void TearDownTestSuite() { delete dir_; }
-  static test::TempDir* dir_;
-};
-test::TempDir* ServerTest::dir_ = nullptr;
+class ServerTest : public test::TinyModelSuite {};
 
 TEST_F(ServerTest, SeedFlowInEveryMode) {
   Server s(dir_->path());

@@ -93,6 +93,20 @@ inline void make_tiny_model(const std::filesystem::path& dir, int seed = 3) {
   ASSERT_EQ(made.exit_code, 0) << made.output;
 }
 
+// A suite whose tests share one tiny random-weight model (make_tiny_model), written once per suite.
+class TinyModelSuite : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new TempDir();
+    make_tiny_model(dir_->path());
+  }
+  static void TearDownTestSuite() {
+    delete dir_;
+    dir_ = nullptr;
+  }
+  static inline TempDir* dir_ = nullptr;
+};
+
 // Keeps every (layer -> [tokens][k]) route of the passes it sees, in pass order.
 class CaptureSink : public RoutingSink {
  public:
