@@ -14,6 +14,15 @@ constexpr int k_threads = 128;
 __device__ __forceinline__ void store_cache(bf16* at, float v) { *at = float_to_bf16(v); }
 __device__ __forceinline__ void store_cache(float* at, float v) { *at = v; }
 
+// HF rotate_half RoPE of one pair of a head's values: (head[i], head[i + half]) rotate by pos * inv_freq[i].
+__device__ __forceinline__ void rope_pair(float* head, int i, int half, float pos, const float* inv_freq) {
+  const float angle = pos * inv_freq[i];
+  const float c = cosf(angle), s = sinf(angle);
+  const float a = head[i], b = head[i + half];
+  head[i] = a * c - b * s;
+  head[i + half] = b * c + a * s;
+}
+
 // One block per token. Dynamic shared memory: the token's row [q_size + 2 * kv_size] f32.
 // q: [T, q_size]; k_cache, v_cache: [cache rows, kv_size]; qkv: [T, q_size + 2 * kv_size];
 // token_pos, slots: [T].
@@ -64,12 +73,7 @@ __global__ void __launch_bounds__(k_threads)
   const float pos = static_cast<float>(token_pos[t]);
   for (int idx = tid; idx < (p.num_heads + p.num_kv_heads) * half; idx += k_threads) {
     const int h = idx / half, i = idx % half;
-    float* v = row + (h < p.num_heads ? h * hd : q_size + (h - p.num_heads) * hd);
-    const float angle = pos * p.rope_inv_freq[i];
-    const float c = cosf(angle), s = sinf(angle);
-    const float a = v[i], b = v[i + half];
-    v[i] = a * c - b * s;
-    v[i + half] = b * c + a * s;
+    rope_pair(row + (h < p.num_heads ? h * hd : q_size + (h - p.num_heads) * hd), i, half, pos, p.rope_inv_freq);
   }
   __syncthreads();
 
@@ -115,13 +119,7 @@ __global__ void __launch_bounds__(k_head_threads)
   if (kind < 2) {  // RoPE on q and k
     const int half = hd / 2;
     const float pos = static_cast<float>(token_pos[t]);
-    for (int i = tid; i < half; i += k_head_threads) {
-      const float angle = pos * p.rope_inv_freq[i];
-      const float c = cosf(angle), s = sinf(angle);
-      const float a = v[i], b = v[i + half];
-      v[i] = a * c - b * s;
-      v[i + half] = b * c + a * s;
-    }
+    for (int i = tid; i < half; i += k_head_threads) rope_pair(v, i, half, pos, p.rope_inv_freq);
     __syncthreads();
   }
   if (kind == 0) {
