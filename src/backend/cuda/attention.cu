@@ -40,7 +40,7 @@ __device__ __forceinline__ int64_t cache_row(const int32_t* block_table, int blo
 // Dynamic shared memory: q [64][hd], k [32][hd + 1] (padded: lanes read different rows), v [32][hd].
 template <int NCH, typename CacheT>
 __global__ void __launch_bounds__(k_threads)
-    attention_prefill_kernel(float* out, bf16* out_bf16, const float* q, const CacheT* k_cache, const CacheT* v_cache,
+    attention_prefill_kernel(float* out, Bf16Pair out_bf16, const float* q, const CacheT* k_cache, const CacheT* v_cache,
                              AttentionBatch b, int num_heads, int num_kv_heads, int hd, float scale) {
   extern __shared__ float smem[];
   float* qs = smem;
@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(k_threads)
       if (d >= hd) continue;
       const float o = acc[rr][c] / l[rr];
       out[at + d] = o;
-      if (out_bf16 != nullptr) out_bf16[at + d] = float_to_bf16(o);
+      if (out_bf16.hi != nullptr) store_bf16(out_bf16, at + d, o);
     }
   }
 }
@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(k_threads)
 // merged at the end.
 template <int NCH, typename CacheT>
 __global__ void __launch_bounds__(k_threads)
-    attention_decode_kernel(float* out, bf16* out_bf16, const float* q, const CacheT* k_cache, const CacheT* v_cache,
+    attention_decode_kernel(float* out, Bf16Pair out_bf16, const float* q, const CacheT* k_cache, const CacheT* v_cache,
                             AttentionBatch b, int num_heads, int num_kv_heads, int hd, float scale) {
   __shared__ __align__(16) float qs[k_max_head_dim];
   __shared__ float part_m[k_warps], part_l[k_warps], part_acc[k_warps][k_max_head_dim];
@@ -231,12 +231,12 @@ __global__ void __launch_bounds__(k_threads)
     for (int w = 0; w < k_warps; ++w) o += part_acc[w][d] * scale_w[w];
     o /= l_all;
     out[at + d] = o;
-    if (out_bf16 != nullptr) out_bf16[at + d] = float_to_bf16(o);
+    if (out_bf16.hi != nullptr) store_bf16(out_bf16, at + d, o);
   }
 }
 
 template <int NCH, typename CacheT>
-void launch(float* out, bf16* out_bf16, const float* q, const CacheT* k_cache, const CacheT* v_cache,
+void launch(float* out, Bf16Pair out_bf16, const float* q, const CacheT* k_cache, const CacheT* v_cache,
             const AttentionBatch& b, int num_heads, int num_kv_heads, int hd, cudaStream_t stream) {
   const float scale = 1.0f / sqrtf(static_cast<float>(hd));
   if (b.num_prefill_tiles > 0) {
@@ -257,7 +257,7 @@ void launch(float* out, bf16* out_bf16, const float* q, const CacheT* k_cache, c
 }
 
 template <typename CacheT>
-void dispatch(float* out, bf16* out_bf16, const float* q, const CacheT* k_cache, const CacheT* v_cache,
+void dispatch(float* out, Bf16Pair out_bf16, const float* q, const CacheT* k_cache, const CacheT* v_cache,
               const AttentionBatch& batch, int num_heads, int num_kv_heads, int head_dim, cudaStream_t stream) {
   if (head_dim % 8 != 0 || head_dim > k_max_head_dim) argument_error("attention", "head_dim must be a multiple of 8, at most 256");
   if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0) argument_error("attention", "num_heads must be a multiple of num_kv_heads");
@@ -270,12 +270,12 @@ void dispatch(float* out, bf16* out_bf16, const float* q, const CacheT* k_cache,
 
 }  // namespace
 
-void attention(float* out, bf16* out_bf16, const float* q, const bf16* k_cache, const bf16* v_cache,
+void attention(float* out, Bf16Pair out_bf16, const float* q, const bf16* k_cache, const bf16* v_cache,
                const AttentionBatch& batch, int num_heads, int num_kv_heads, int head_dim, cudaStream_t stream) {
   dispatch(out, out_bf16, q, k_cache, v_cache, batch, num_heads, num_kv_heads, head_dim, stream);
 }
 
-void attention(float* out, bf16* out_bf16, const float* q, const float* k_cache, const float* v_cache,
+void attention(float* out, Bf16Pair out_bf16, const float* q, const float* k_cache, const float* v_cache,
                const AttentionBatch& batch, int num_heads, int num_kv_heads, int head_dim, cudaStream_t stream) {
   dispatch(out, out_bf16, q, k_cache, v_cache, batch, num_heads, num_kv_heads, head_dim, stream);
 }

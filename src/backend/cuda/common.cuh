@@ -20,6 +20,13 @@ __device__ __forceinline__ float bf16_to_float(bf16 bits) { return __uint_as_flo
 // Round to nearest even, as torch casts f32 to bf16.
 __device__ __forceinline__ bf16 float_to_bf16(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
 
+// out.hi[i] = bf16(v) and, when out.lo is given, out.lo[i] = bf16(v - hi): the activation terms of a product.
+__device__ __forceinline__ void store_bf16(const Bf16Pair& out, int64_t i, float v) {
+  const bf16 hi = float_to_bf16(v);
+  out.hi[i] = hi;
+  if (out.lo != nullptr) out.lo[i] = float_to_bf16(v - bf16_to_float(hi));
+}
+
 // Eight bf16 values (one 16-byte load) dotted with eight f32 values.
 __device__ __forceinline__ float dot8(uint4 w, float4 a, float4 b, float acc) {
   acc = fmaf(bf16_lo(w.x), a.x, acc);

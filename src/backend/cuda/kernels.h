@@ -5,11 +5,31 @@
 // accumulates in f32. Each kernel has a CPU counterpart it is tested against (tests/cuda_kernels_test.cpp).
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace moescope::cuda {
 
 using bf16 = uint16_t;  // bfloat16 bits on the device
+
+// The bf16 copy of f32 activations that a tensor-core product reads. hi = bf16(v) always; with
+// --matmul-precision high also lo = bf16(v - hi), and every product then takes both terms (hi + lo
+// carries v to 2^-17 relative instead of 2^-9; the weights are bf16 already, so the products are as
+// exact as f32 activations would make them, up to that). lo == nullptr: one term, bf16 activations.
+struct Bf16Pair {
+  bf16* hi = nullptr;
+  bf16* lo = nullptr;
+  Bf16Pair() = default;
+  Bf16Pair(std::nullptr_t) {}  // NOLINT: no bf16 output
+  Bf16Pair(bf16* hi_, bf16* lo_ = nullptr) : hi(hi_), lo(lo_) {}  // NOLINT: a plain bf16 buffer is one term
+};
+struct ConstBf16Pair {
+  const bf16* hi = nullptr;
+  const bf16* lo = nullptr;
+  ConstBf16Pair() = default;
+  ConstBf16Pair(const bf16* hi_, const bf16* lo_ = nullptr) : hi(hi_), lo(lo_) {}  // NOLINT
+  ConstBf16Pair(Bf16Pair p) : hi(p.hi), lo(p.lo) {}                                 // NOLINT
+};
 
 // --- Embedding and RMSNorm (norm.cu) ---------------------------------------------------------------
 
@@ -91,11 +111,11 @@ struct AttentionBatch {
 };
 
 // Causal GQA attention of every new token over its sequence's cached positions 0..pos (the new
-// tokens' k/v already written). q, out: [num_tokens, num_heads * head_dim] f32; out_bf16: same or
-// nullptr; k_cache, v_cache: [num_blocks * block_size, num_kv_heads * head_dim] bf16 or f32. head_dim <= 256.
-void attention(float* out, bf16* out_bf16, const float* q, const bf16* k_cache, const bf16* v_cache,
+// tokens' k/v already written). q, out: [num_tokens, num_heads * head_dim] f32; out_bf16: same shape
+// (hi, and lo when given) or nullptr; k_cache, v_cache: [num_blocks * block_size, num_kv_heads * head_dim] bf16 or f32. head_dim <= 256.
+void attention(float* out, Bf16Pair out_bf16, const float* q, const bf16* k_cache, const bf16* v_cache,
                const AttentionBatch& batch, int num_heads, int num_kv_heads, int head_dim, cudaStream_t stream);
-void attention(float* out, bf16* out_bf16, const float* q, const float* k_cache, const float* v_cache,
+void attention(float* out, Bf16Pair out_bf16, const float* q, const float* k_cache, const float* v_cache,
                const AttentionBatch& batch, int num_heads, int num_kv_heads, int head_dim, cudaStream_t stream);
 
 // --- Router and expert grouping (router.cu) --------------------------------------------------------
