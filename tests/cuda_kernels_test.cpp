@@ -28,6 +28,9 @@ using test::to_host;
 
 constexpr double k_f32_tol = 2e-5;   // f32 activations and accumulation, bf16 weights: only the order of sums differs
 constexpr double k_bf16_tol = 1e-2;  // an intermediate rounded to bf16 (the large path's activations, the KV cache)
+// --matmul-precision high: the large path's activations as hi + lo bf16 terms (2^-17 relative each), the
+// weights exact: two orders of magnitude below the bf16 tolerance, within a few f32 tolerances.
+constexpr double k_split_tol = 1e-4;
 
 class CudaKernels : public test::GpuTest {};
 
@@ -79,6 +82,25 @@ TEST_F(CudaKernels, CublasGemmMatchesCpuMatmulOnBf16Activations) {
   std::vector<float> ref_acc(ref.size());
   for (size_t i = 0; i < ref.size(); ++i) ref_acc[i] = y0[i] + ref[i];
   expect_close("cuBLAS gemm beta 1", to_host(d_acc, ref.size()), ref_acc, 1e-4);
+
+  // --matmul-precision high: f32 activations (not rounded) as two bf16 terms, against the CPU's f32 product.
+  const std::vector<float> xf = random_f32(static_cast<size_t>(tokens) * k, rng);
+  std::vector<float> ref_f(ref.size());
+  cpu::matmul(ref_f.data(), xf.data(), tokens, w.view);
+  auto d_hi = to_device(test::to_bf16_bits(xf));
+  auto d_lo = to_device(test::to_bf16_lo_bits(xf));
+  for (const float beta : {0.0f, 1.0f}) {
+    auto d_split = beta == 0.0f ? test::poisoned(ref.size()) : to_device(y0);
+    blas.gemm(d_split.data(), n, cuda::ConstBf16Pair{d_hi.data(), d_lo.data()}, d_w.data(), tokens, n, k, beta);
+    std::vector<float> want = ref_f;
+    if (beta != 0.0f)
+      for (size_t i = 0; i < want.size(); ++i) want[i] += y0[i];
+    expect_close(fmt::format("cuBLAS gemm, two bf16 terms, beta {}", beta), to_host(d_split, ref.size()), want, k_split_tol);
+  }
+  // One term of the same f32 activations is off by the bf16 rounding: the check above can tell.
+  auto d_one = test::poisoned(ref.size());
+  blas.gemm(d_one.data(), n, d_hi.data(), d_w.data(), tokens, n, k, 0.0f);
+  EXPECT_GT(test::compare(to_host(d_one, ref.size()), ref_f).relative(), 3 * k_split_tol) << "hi term alone";
 }
 
 // --- RMSNorm with the feed-forward fold ---------------------------------------------------------------
@@ -106,14 +128,18 @@ TEST_F(CudaKernels, RmsNormFoldsFeedForwardOutputLikeTheCpu) {
     auto d_ffn = to_device(ffn);
     auto d_scale = to_device(scale);
     auto d_h = test::poisoned(h_ref.size());
-    DeviceBuffer<uint16_t> d_hb(h_ref.size());
-    cuda::rms_norm(d_h.data(), d_hb.data(), d_x.data(), nullptr, tokens, hidden, d_w.data(), 1e-6f,
+    DeviceBuffer<uint16_t> d_hb(h_ref.size()), d_hb_lo(h_ref.size());
+    cuda::rms_norm(d_h.data(), {d_hb.data(), d_hb_lo.data()}, d_x.data(), nullptr, tokens, hidden, d_w.data(), 1e-6f,
                    {d_ffn.data(), slots, d_scale.data()}, nullptr);
     const auto h = to_host(d_h, h_ref.size());
     expect_close(fmt::format("rms_norm hidden {} (residual after fold)", hidden), to_host(d_x, x.size()), x_ref, k_f32_tol);
     expect_close(fmt::format("rms_norm hidden {} (normed)", hidden), h, h_ref, k_f32_tol);
     const auto hb = to_host(d_hb, h_ref.size());
-    for (size_t i = 0; i < h.size(); ++i) ASSERT_EQ(hb[i], f32_to_bf16(h[i])) << "bf16 copy of element " << i;
+    const auto hb_lo = to_host(d_hb_lo, h_ref.size());
+    for (size_t i = 0; i < h.size(); ++i) {
+      ASSERT_EQ(hb[i], f32_to_bf16(h[i])) << "bf16 copy of element " << i;
+      ASSERT_EQ(hb_lo[i], f32_to_bf16(h[i] - bf16_to_f32(hb[i]))) << "lo term of element " << i;
+    }
 
     // A subset of rows (the final norm of each sequence's last token), no fold.
     const std::vector<int32_t> rows = {4, 1};
@@ -137,12 +163,16 @@ TEST_F(CudaKernels, SwigluBf16MatchesCpuSwiglu) {
     cpu::swiglu(&ref[static_cast<size_t>(t) * inter], &gate_up[static_cast<size_t>(t) * 2 * inter],
                 &gate_up[static_cast<size_t>(t) * 2 * inter + inter], inter);
   auto d_in = to_device(gate_up);
-  DeviceBuffer<uint16_t> d_out(ref.size());
+  DeviceBuffer<uint16_t> d_out(ref.size()), d_lo(ref.size());
   cuda::swiglu_bf16(d_out.data(), d_in.data(), tokens, inter, nullptr);
   const auto bits = to_host(d_out, ref.size());
   std::vector<float> got(bits.size());
   for (size_t i = 0; i < bits.size(); ++i) got[i] = bf16_to_f32(bits[i]);
   expect_close("swiglu_bf16", got, ref, 4e-3);  // one bf16 rounding
+  cuda::swiglu_bf16({d_out.data(), d_lo.data()}, d_in.data(), tokens, inter, nullptr);
+  const auto hi = to_host(d_out, ref.size()), lo = to_host(d_lo, ref.size());
+  for (size_t i = 0; i < hi.size(); ++i) got[i] = bf16_to_f32(hi[i]) + bf16_to_f32(lo[i]);
+  expect_close("swiglu_bf16, hi + lo", got, ref, k_split_tol);
 }
 
 // --- router and grouping -------------------------------------------------------------------------------
@@ -374,13 +404,20 @@ struct MoeRun {
   std::vector<float> weights;
 };
 
-MoeRun run_moe_on_gpu(const MoeCase& cs, const MoeWeights& mw, const std::vector<float>& x, bool small) {
+// The three ways the backend runs a MoE block: small passes (f32 GEMVs), large passes with bf16
+// activations, and large passes with --matmul-precision high (hi + lo terms).
+enum class MoePath { Small, Large, LargeHigh };
+
+MoeRun run_moe_on_gpu(const MoeCase& cs, const MoeWeights& mw, const std::vector<float>& x, MoePath path) {
+  const bool small = path == MoePath::Small, high = path == MoePath::LargeHigh;
   const int T = cs.tokens, H = cs.hidden, P = T * cs.top_k;
   const bool shared = cs.shared_inter > 0;
   const int slots = cs.top_k + (shared ? 1 : 0);
   const cuda::ExpertWeights ew = mw.device_view(cs);
   auto d_x = to_device(x);
   auto d_xb = to_device(test::to_bf16_bits(x));
+  auto d_xb_lo = to_device(test::to_bf16_lo_bits(x));
+  const cuda::Bf16Pair xb{d_xb.data(), high ? d_xb_lo.data() : nullptr};
   DeviceBuffer<int32_t> d_ids(P);
   DeviceBuffer<float> d_wts(P), d_gate(T);
   DeviceBuffer<int32_t> groups_mem(static_cast<size_t>(cuda::expert_groups_ints(P, cs.experts)));
@@ -398,17 +435,19 @@ MoeRun run_moe_on_gpu(const MoeCase& cs, const MoeWeights& mw, const std::vector
     cuda::experts_down_small(d_ffn.data(), slots, h.data(), ld_h, d_wts.data(), ew, groups, T, H, cs.experts, cs.top_k,
                              nullptr);
   } else {
-    DeviceBuffer<uint16_t> hb(static_cast<size_t>(P) * cs.inter);
-    cuda::experts_gate_up_grouped(hb.data(), d_xb.data(), ew, groups, T, H, cs.experts, cs.top_k, nullptr);
-    cuda::experts_down_grouped(d_ffn.data(), slots, hb.data(), d_wts.data(), ew, groups, T, H, cs.experts, cs.top_k,
-                               nullptr);
+    DeviceBuffer<uint16_t> hb_mem(static_cast<size_t>(P) * cs.inter * 2);
+    const cuda::Bf16Pair hb{hb_mem.data(), high ? hb_mem.data() + static_cast<size_t>(P) * cs.inter : nullptr};
+    cuda::experts_gate_up_grouped(hb, xb, ew, groups, T, H, cs.experts, cs.top_k, nullptr);
+    cuda::experts_down_grouped(d_ffn.data(), slots, hb, d_wts.data(), ew, groups, T, H, cs.experts, cs.top_k, nullptr);
     if (shared) {
       cuda::Blas blas;
       DeviceBuffer<float> gu(static_cast<size_t>(T) * 2 * cs.shared_inter);
-      DeviceBuffer<uint16_t> act(static_cast<size_t>(T) * cs.shared_inter);
-      blas.gemm(gu.data(), 2 * cs.shared_inter, d_xb.data(), ew.dense_gate_up, T, 2 * cs.shared_inter, H, 0.0f);
-      cuda::swiglu_bf16(act.data(), gu.data(), T, cs.shared_inter, nullptr);
-      blas.gemm(d_ffn.data() + static_cast<size_t>(cs.top_k) * H, slots * H, act.data(), ew.dense_down, T, H,
+      DeviceBuffer<uint16_t> act_mem(static_cast<size_t>(T) * cs.shared_inter * 2);
+      const cuda::Bf16Pair act{act_mem.data(),
+                               high ? act_mem.data() + static_cast<size_t>(T) * cs.shared_inter : nullptr};
+      blas.gemm(gu.data(), 2 * cs.shared_inter, xb, ew.dense_gate_up, T, 2 * cs.shared_inter, H, 0.0f);
+      cuda::swiglu_bf16(act, gu.data(), T, cs.shared_inter, nullptr);
+      blas.gemm(d_ffn.data() + static_cast<size_t>(cs.top_k) * H, slots * H, act, ew.dense_down, T, H,
                 cs.shared_inter, 0.0f);
     }
   }
@@ -421,15 +460,17 @@ MoeRun run_moe_on_gpu(const MoeCase& cs, const MoeWeights& mw, const std::vector
   return {to_host(residual, static_cast<size_t>(T) * H), to_host(d_ids, P), to_host(d_wts, P)};
 }
 
-void check_moe(const MoeCase& cs, bool small, std::mt19937& rng) {
+void check_moe(const MoeCase& cs, MoePath path, std::mt19937& rng) {
   const MoeWeights mw(cs, rng);
   std::vector<float> x = random_f32(static_cast<size_t>(cs.tokens) * cs.hidden, rng);
-  if (!small) x = test::round_bf16(x);  // the large path reads bf16 activations: give the CPU the same input
+  // The large path reads bf16 activations: give the CPU the same input. With two terms it reads x itself.
+  if (path == MoePath::Large) x = test::round_bf16(x);
   test::CaptureSink sink;
   std::vector<float> ref(x.size());
   cpu::moe(ref.data(), x.data(), cs.tokens, 0, mw.layer, mw.config, &sink);
-  const MoeRun got = run_moe_on_gpu(cs, mw, x, small);
-  const std::string label = fmt::format("moe {} path T={} E={} k={} inter={} shared={} norm={}", small ? "small" : "large",
+  const MoeRun got = run_moe_on_gpu(cs, mw, x, path);
+  const char* name = path == MoePath::Small ? "small" : path == MoePath::Large ? "large" : "large (two terms)";
+  const std::string label = fmt::format("moe {} path T={} E={} k={} inter={} shared={} norm={}", name,
                                         cs.tokens, cs.experts, cs.top_k, cs.inter, cs.shared_inter, cs.norm);
   // The routes: same router input on both sides, so the same choices (random data: no near-ties expected).
   const auto& ref_routes = sink.routes.at(0);
@@ -441,21 +482,30 @@ void check_moe(const MoeCase& cs, bool small, std::mt19937& rng) {
       EXPECT_NEAR(got.weights[at], ref_routes.weights[t][j], 1e-6) << label << " token " << t << " slot " << j;
     }
   EXPECT_EQ(differing, 0) << label << ": routes differ from the CPU's";
-  expect_close(label, got.out, ref, small ? 1e-5 : k_bf16_tol);
+  expect_close(label, got.out, ref, path == MoePath::Small ? 1e-5 : path == MoePath::Large ? k_bf16_tol : k_split_tol);
 }
 
 TEST_F(CudaKernels, MoeBlockSmallPathMatchesCpuMoe) {
   std::mt19937 rng(7);
   for (const MoeCase& cs : {MoeCase{1, 2048, 16, 4, 1408, 5632, false}, MoeCase{3, 64, 8, 2, 32, 96, false},
                            MoeCase{8, 256, 16, 4, 48, 0, true}, MoeCase{5, 128, 6, 3, 48, 64, true}})
-    check_moe(cs, true, rng);
+    check_moe(cs, MoePath::Small, rng);
 }
 
 TEST_F(CudaKernels, MoeBlockLargePathMatchesCpuMoe) {
   std::mt19937 rng(8);
   for (const MoeCase& cs : {MoeCase{37, 64, 8, 2, 32, 96, false}, MoeCase{200, 256, 16, 4, 48, 0, true},
                            MoeCase{130, 2048, 16, 4, 1408, 5632, false}, MoeCase{9, 128, 12, 3, 32, 0, true}})
-    check_moe(cs, false, rng);
+    check_moe(cs, MoePath::Large, rng);
+}
+
+// --matmul-precision high: the same grouped GEMMs and cuBLAS products over hi + lo activation terms,
+// against the CPU on unrounded activations, 100x tighter than the bf16 path.
+TEST_F(CudaKernels, MoeBlockLargePathWithTwoTermsMatchesCpuMoe) {
+  std::mt19937 rng(18);
+  for (const MoeCase& cs : {MoeCase{37, 64, 8, 2, 32, 96, false}, MoeCase{200, 256, 16, 4, 48, 0, true},
+                           MoeCase{130, 2048, 16, 4, 1408, 5632, false}})
+    check_moe(cs, MoePath::LargeHigh, rng);
 }
 
 TEST_F(CudaKernels, DenseMlpBothPathsMatchCpuMlp) {

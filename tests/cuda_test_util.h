@@ -80,6 +80,14 @@ inline std::vector<uint16_t> to_bf16_bits(const std::vector<float>& v) {
   return out;
 }
 
+// The lo term of --matmul-precision high: bf16(v - bf16(v)) for each value (the hi term is to_bf16_bits).
+inline std::vector<uint16_t> to_bf16_lo_bits(const std::vector<float>& v) {
+  const std::vector<float> hi = round_bf16(v);
+  std::vector<float> rest(v.size());
+  for (size_t i = 0; i < v.size(); ++i) rest[i] = v[i] - hi[i];
+  return to_bf16_bits(rest);
+}
+
 template <typename T>
 cuda::DeviceBuffer<T> to_device(const std::vector<T>& host) {
   cuda::DeviceBuffer<T> d(std::max<size_t>(host.size(), 1));

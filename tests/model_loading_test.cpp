@@ -634,6 +634,13 @@ TEST(ModelLoadingCli, UnknownKvCacheDtypeIsRejected) {
   EXPECT_NE(r.output.find("fp8"), std::string::npos) << r.output;
 }
 
+TEST(ModelLoadingCli, UnknownMatmulPrecisionIsRejected) {
+  const CommandResult r = run_command(moescope_command("generate --prompt-ids 1,2 --matmul-precision highest 2>&1"));
+  EXPECT_NE(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("--matmul-precision"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("highest"), std::string::npos) << r.output;
+}
+
 TEST(ModelLoadingCli, MissingTensor) {
   TempDir dir;
   drop_expert_down_proj(dir);

@@ -33,7 +33,11 @@
 #               tokens 0..T-2 with hooks on every router: router logits -> softmax in float32 -> top-k ->
 #               renormalised when norm_topk_prob (the weights the experts used, checked against that
 #               formula), margin = k-th minus (k+1)-th probability. Writes OUT/reference.json.
-#   throughput  the checkpoint reloaded in bfloat16, sdpa attention, the chosen experts implementation:
+#   throughput  the checkpoint reloaded in bfloat16, sdpa attention, the chosen experts implementation.
+#               First transformers' own bf16 routes for the reference's tokens (one forward per prompt over
+#               prompt + float32 greedy tokens), compared with the float32 routes as sets: the summary is
+#               added to reference.json as "transformers_bf16_routes" {"pairs", "agree", "agreement",
+#               "disagreements_at_margin_ge_1e-2", ...}. Then
 #               a 1 x --prefill-tokens forward (tokens/s), then for each batch size `generate` greedy with
 #               its own (dynamic) cache, --tp-new-tokens new tokens (min = max, no eos), batch of
 #               same-length random prompts (no padding), --repeats timed runs after a warm-up, CUDA
@@ -474,6 +478,69 @@ def reference_stage(args, ckpt, prompts):
 
 
 # ----------------------------------------------------------------------------------------------
+# transformers' own bf16 routes against its float32 reference (in the throughput stage's bf16 model)
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def bf16_routes(args, ckpt, model):
+    """Routes of transformers in bfloat16 (the model the throughput stage times) for the reference's
+    tokens: one forward over each prompt + its float32 greedy tokens 0..T-2, every router hooked. Compared
+    with the float32 routes as sets of experts per (token, layer); the summary goes into reference.json
+    ("transformers_bf16_routes"), where tests/cuda_real_size_test.cpp sets moescope's bf16 mode beside it."""
+    path = os.path.join(args.out, "reference.json")
+    if not os.path.exists(path):
+        log("  bf16 routes: no reference.json in --out (the reference stage did not run); skipped")
+        return None
+    with open(path) as f:
+        ref = json.load(f)
+    E, k, renorm = routing_facts(ckpt["config"])
+    sparse = sparse_layers_of(model)
+    if sparse != ref["sparse_layers"]:
+        raise AssertionError(f"bf16 model's MoE layers {sparse} != the reference's {ref['sparse_layers']}")
+    cap = RouterCapture(model, sparse)
+    pairs = agree = 0
+    ge_tie, margins = 0, []
+    try:
+        for p, pr in enumerate(ref["prompts"]):
+            ids = pr["prompt_ids"] + pr["greedy_ids"][:-1]
+            P = len(pr["prompt_ids"])
+            cap.calls.clear()
+            cap.enabled = True
+            model(input_ids=torch.tensor([ids], device="cuda"), use_cache=False)
+            cap.enabled = False
+            for layer, r_pre, r_dec in zip(sparse, pr["routes"], pr["decode_routes"]):
+                xin, rout = cap.calls[layer][0]
+                gate = mrf.moe_block(mrf.decoder_layers(model)[layer]).gate
+                r_ids, _, _, _ = routes_of_layer(xin, gate, E, k, renorm, rout, f"bf16 prompt {p} layer {layer}")
+                got = r_ids.tolist()
+                want = r_pre["topk_ids"] + r_dec["topk_ids"]
+                margin = r_pre["margin"] + r_dec["margin"]
+                assert len(got) == len(want) == P + len(pr["greedy_ids"]) - 1
+                for g, w, m in zip(got, want, margin):
+                    pairs += 1
+                    if sorted(g) == sorted(w):
+                        agree += 1
+                    else:
+                        margins.append(m)
+                        ge_tie += m >= 1e-2
+            cap.calls.clear()
+    finally:
+        cap.remove()
+    summary = {"pairs": pairs, "agree": agree, "agreement": agree / pairs, "disagreements_at_margin_ge_1e-2": ge_tie,
+               "largest_disagreement_margin": max(margins) if margins else 0.0, "dtype": "bfloat16",
+               "attn_implementation": getattr(model.config, "_attn_implementation", "?"),
+               "experts_implementation": getattr(model.config, "_experts_implementation", "n/a"),
+               "how": "one forward over prompt + float32 greedy tokens 0..T-2; top-k sets vs the float32 reference"}
+    ref["transformers_bf16_routes"] = summary
+    with open(path, "w") as f:
+        f.write(json.dumps(ref, separators=(",", ":"), allow_nan=False))
+        f.write("\n")
+    log(f"SUMMARY hf bf16 routes vs float32: {agree} of {pairs} agree ({100 * agree / pairs:.3f}%), "
+        f"{ge_tie} disagreements at a margin >= 1e-2; added to {path}")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
 # Throughput stage
 # ----------------------------------------------------------------------------------------------
 
@@ -539,6 +606,10 @@ def throughput_stage(args, ckpt):
                                  "grouped_mm" if args.experts_impl == "auto" else args.experts_impl)
     if problems:
         log(f"  WARNING: from_pretrained reports {problems} (speed is still measured)")
+    try:
+        bf16_routes(args, ckpt, model)
+    except Exception:  # noqa: BLE001 - reported; the throughput is still measured
+        log(f"  bf16 routes FAILED:\n{traceback.format_exc()}")
     x1 = torch.randint(PROMPT_ID_LO, hi, (1, args.tp_prompt_len), generator=gen).cuda()
     impl, impl_times = pick_experts(model, args, x1)
     result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "transformers": transformers.__version__,

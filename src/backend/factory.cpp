@@ -64,7 +64,10 @@ std::unique_ptr<Backend> make_backend(const std::string& device, std::shared_ptr
   o.cuda_graphs = !options.enforce_eager;
   if (options.kv_cache_dtype != "auto" && options.kv_cache_dtype != "bfloat16" && options.kv_cache_dtype != "float32")
     fail("--kv-cache-dtype {}: expected auto, bfloat16 or float32", options.kv_cache_dtype);
-  o.kv_cache_f32 = options.kv_cache_dtype == "float32";
+  if (options.matmul_precision != "medium" && options.matmul_precision != "high")
+    fail("--matmul-precision {}: expected medium or high", options.matmul_precision);
+  o.matmul_precision_high = options.matmul_precision == "high";
+  o.kv_cache_f32 = options.kv_cache_dtype == "float32" || (options.kv_cache_dtype == "auto" && o.matmul_precision_high);
   return std::make_unique<cuda::CudaBackend>(std::move(weights), o);
 #else
   (void)options;

@@ -12,7 +12,10 @@ struct BackendOptions {
   double gpu_memory_utilization = 0.9;  // CUDA: share of the GPU's memory the backend may take
   int64_t max_kv_tokens = 0;            // CUDA: KV cache size in tokens (0: what the utilisation leaves)
   bool enforce_eager = false;           // CUDA: no CUDA graphs for decode passes
-  std::string kv_cache_dtype = "auto";  // CUDA: auto | bfloat16 (the same) | float32
+  std::string kv_cache_dtype = "auto";  // CUDA: auto (float32 with matmul_precision high, else bfloat16) |
+                                        // bfloat16 | float32
+  std::string matmul_precision = "medium";  // CUDA, PyTorch's names: medium (bf16 activations in the tensor-core
+                                            // products of large passes) | high (two bf16 terms, hi + lo)
 };
 
 // True when this build has the CUDA backend.

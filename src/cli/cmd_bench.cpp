@@ -128,6 +128,13 @@ Json bench_model(const std::filesystem::path& dir, const std::string& label, con
   fmt::print("backend ready in {:.1f} s (weights {}on the device)\n", load_seconds, device == "cuda" ? "uploaded as bf16 " : "mapped ");
   Json result = {{"model", label}, {"architecture", c.architecture}, {"weight_bytes", weights->total_bytes()},
                  {"device", device}, {"load_seconds", load_seconds}};
+  if (device == "cuda") {
+    const BackendOptions& o = a.backend_options;
+    fmt::print("--matmul-precision {}, --kv-cache-dtype {}, CUDA graphs {}\n", o.matmul_precision, o.kv_cache_dtype,
+               o.enforce_eager ? "off" : "on");
+    result["matmul_precision"] = o.matmul_precision;
+    result["kv_cache_dtype"] = o.kv_cache_dtype;
+  }
 
   std::mt19937 rng(1234);
   std::uniform_int_distribution<int32_t> token(0, c.vocab_size - 1);

@@ -15,7 +15,8 @@ inline void add_device_option(CLI::App* cmd, std::string& device) {
       ->capture_default_str();
 }
 
-// vLLM's names: --gpu-memory-utilization, --block-size, --enforce-eager, --kv-cache-dtype.
+// vLLM's names: --gpu-memory-utilization, --block-size, --enforce-eager, --kv-cache-dtype; PyTorch's for
+// --matmul-precision (torch.set_float32_matmul_precision).
 inline void add_gpu_options(CLI::App* cmd, BackendOptions& options) {
   cmd->add_option("--gpu-memory-utilization", options.gpu_memory_utilization,
                   "Share of the GPU's memory for weights, KV cache and workspace")
@@ -26,8 +27,15 @@ inline void add_gpu_options(CLI::App* cmd, BackendOptions& options) {
       ->capture_default_str();
   cmd->add_flag("--enforce-eager", options.enforce_eager, "No CUDA graphs: launch every kernel of a decode pass");
   cmd->add_option("--kv-cache-dtype", options.kv_cache_dtype,
-                  "KV cache element type on the GPU: auto (bfloat16), bfloat16, or float32 (exact keys and values, twice the memory)")
+                  "KV cache element type on the GPU: auto (float32 with --matmul-precision high, else bfloat16), "
+                  "bfloat16, or float32 (exact keys and values, twice the memory)")
       ->check(CLI::IsMember({"auto", "bfloat16", "float32"}))
+      ->capture_default_str();
+  cmd->add_option("--matmul-precision", options.matmul_precision,
+                  "Activations of the GPU's tensor-core products (prefills, large batches): medium (bf16, as a bf16 "
+                  "PyTorch model) or high (two bf16 terms, hi + lo: 2^-17 relative instead of 2^-9, about twice the "
+                  "prefill time; routes that follow the float32 reference)")
+      ->check(CLI::IsMember({"medium", "high"}))
       ->capture_default_str();
 }
 

@@ -17,13 +17,16 @@ void Blas::set_stream(cudaStream_t stream) {
   CUBLAS_CHECK(cublasSetWorkspace(handle_, workspace_.data(), workspace_.size()));
 }
 
-void Blas::gemm(float* y, int ldy, const bf16* x, const bf16* w, int num_tokens, int n, int k, float beta) {
+void Blas::gemm(float* y, int ldy, ConstBf16Pair x, const bf16* w, int num_tokens, int n, int k, float beta) {
   if (num_tokens == 0 || n == 0) return;
-  const float alpha = 1.0f;
+  const float alpha = 1.0f, one = 1.0f;
   // Column-major view: y^T [n, T] = w [k, n]^T . x^T [k, T]; the row-major [n, k] weight is a
   // column-major [k, n] matrix, so it enters transposed.
-  CUBLAS_CHECK(cublasGemmEx(handle_, CUBLAS_OP_T, CUBLAS_OP_N, n, num_tokens, k, &alpha, w, CUDA_R_16BF, k, x,
+  CUBLAS_CHECK(cublasGemmEx(handle_, CUBLAS_OP_T, CUBLAS_OP_N, n, num_tokens, k, &alpha, w, CUDA_R_16BF, k, x.hi,
                             CUDA_R_16BF, k, &beta, y, CUDA_R_32F, ldy, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  if (x.lo != nullptr)  // the lo term's product, added in f32
+    CUBLAS_CHECK(cublasGemmEx(handle_, CUBLAS_OP_T, CUBLAS_OP_N, n, num_tokens, k, &alpha, w, CUDA_R_16BF, k, x.lo,
+                              CUDA_R_16BF, k, &one, y, CUDA_R_32F, ldy, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 GemmSample measure_gemm_tflops(int n, int repeats) {

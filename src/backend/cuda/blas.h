@@ -17,9 +17,10 @@ class Blas {
   Blas& operator=(const Blas&) = delete;
 
   void set_stream(cudaStream_t stream);
-  // y[t, n] = x[t] . w[n] + beta * y[t, n].  x: [num_tokens, k] bf16; w: [n, k] bf16 (PyTorch's
-  // [out_features, in_features]); y: [num_tokens, ldy] f32. beta = 1 adds into y (the residual).
-  void gemm(float* y, int ldy, const bf16* x, const bf16* w, int num_tokens, int n, int k, float beta);
+  // y[t, n] = x[t] . w[n] + beta * y[t, n].  x: [num_tokens, k] bf16 (with x.lo, a second product over
+  // the lo term adds into the first); w: [n, k] bf16 (PyTorch's [out_features, in_features]); y:
+  // [num_tokens, ldy] f32. beta = 1 adds into y (the residual).
+  void gemm(float* y, int ldy, ConstBf16Pair x, const bf16* w, int num_tokens, int n, int k, float beta);
 
  private:
   cublasHandle_t handle_ = nullptr;

@@ -174,20 +174,20 @@ struct PassBuffers {
   int32_t* meta = nullptr;         // [meta_ints] the pass's token and sequence tables (uploaded)
   float* x = nullptr;              // [T, hidden] residual stream
   float* h = nullptr;              // [T, hidden] normed
-  bf16* h_bf16 = nullptr;          // [T, hidden] (large path)
+  Bf16Pair h_bf16;                 // [T, hidden] (large path; lo with --matmul-precision high)
   float* qkv = nullptr;            // [T, q_size + 2 * kv_size]
   float* q = nullptr;              // [T, q_size]
   float* attn = nullptr;           // [T, q_size]
-  bf16* attn_bf16 = nullptr;       // [T, q_size] (large path)
+  Bf16Pair attn_bf16;              // [T, q_size] (large path)
   float* shared_gate = nullptr;    // [T]
   int32_t* groups = nullptr;       // expert_groups_ints(T * top_k, num_experts)
   float* h_small = nullptr;        // [T * top_k + T, ld_h] (small path)
-  bf16* hb = nullptr;              // [T * top_k, moe_inter] (large path)
+  Bf16Pair hb;                     // [T * top_k, moe_inter] (large path)
   float* dense_gate_up = nullptr;  // [T, 2 * dense_inter] (large path)
-  bf16* dense_act = nullptr;       // [T, dense_inter] (large path)
+  Bf16Pair dense_act;              // [T, dense_inter] (large path)
   float* ffn_out = nullptr;        // [T, max_slots, hidden]
   float* h_last = nullptr;         // [S, hidden]
-  bf16* h_last_bf16 = nullptr;     // [S, hidden]
+  Bf16Pair h_last_bf16;            // [S, hidden]
   float* logits = nullptr;         // [S, vocab]
   int32_t* routes = nullptr;       // [2, num_moe_layers, T, top_k]: ids, then weights (f32 bits)
   unsigned long long* tallies = nullptr;  // [2, num_moe_layers, num_experts]: selections, then weight sums (2^-32)
@@ -445,20 +445,26 @@ PassBuffers CudaBackend::Impl::carve(Arena& a, int num_tokens, int num_seqs, siz
   p.meta = a.take<int32_t>(meta_ints);
   p.x = a.take<float>(T * hidden);
   p.h = a.take<float>(T * hidden);
-  p.h_bf16 = a.take<bf16>(small ? 0 : T * hidden);
+  // The bf16 terms of the tensor-core products' activations: hi, and lo with --matmul-precision high.
+  auto take_pair = [&](size_t n) {
+    Bf16Pair pair{a.take<bf16>(n)};
+    if (options.matmul_precision_high) pair.lo = a.take<bf16>(n);
+    return pair;
+  };
+  p.h_bf16 = take_pair(small ? 0 : T * hidden);
   p.qkv = a.take<float>(T * (q + 2 * static_cast<size_t>(c.kv_size())));
   p.q = a.take<float>(T * q);
   p.attn = a.take<float>(T * q);
-  p.attn_bf16 = a.take<bf16>(small ? 0 : T * q);
+  p.attn_bf16 = take_pair(small ? 0 : T * q);
   p.shared_gate = a.take<float>(T);
   p.groups = a.take<int32_t>(static_cast<size_t>(expert_groups_ints(num_tokens * c.num_experts_per_tok, c.num_experts)));
   p.h_small = a.take<float>(small ? (T * top_k + T) * static_cast<size_t>(ld_h) : 0);
-  p.hb = a.take<bf16>(small ? 0 : T * top_k * static_cast<size_t>(c.moe_intermediate_size));
+  p.hb = take_pair(small ? 0 : T * top_k * static_cast<size_t>(c.moe_intermediate_size));
   p.dense_gate_up = a.take<float>(small ? 0 : T * 2 * static_cast<size_t>(dense_inter_max));
-  p.dense_act = a.take<bf16>(small ? 0 : T * static_cast<size_t>(dense_inter_max));
+  p.dense_act = take_pair(small ? 0 : T * static_cast<size_t>(dense_inter_max));
   p.ffn_out = a.take<float>(T * static_cast<size_t>(max_slots) * hidden);
   p.h_last = a.take<float>(S * hidden);
-  p.h_last_bf16 = a.take<bf16>(S * hidden);
+  p.h_last_bf16 = take_pair(S * hidden);
   p.logits = a.take<float>(S * static_cast<size_t>(c.vocab_size));
   p.routes = a.take<int32_t>(2 * moe_layers.size() * T * top_k);
   p.tallies = a.take<unsigned long long>(2 * moe_layers.size() * static_cast<size_t>(std::max(c.num_experts, 0)));
@@ -553,7 +559,7 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
     float* k_cache32_l = f32_cache ? k_cache32.data() + l * layer_cache : nullptr;
     float* v_cache32_l = f32_cache ? v_cache32.data() + l * layer_cache : nullptr;
     for (int r = reps("input_norm"); r-- > 0;)
-      rms_norm(p.h, small ? nullptr : p.h_bf16, p.x, nullptr, T, hidden, L.input_layernorm, c.rms_norm_eps, pending,
+      rms_norm(p.h, small ? Bf16Pair{} : p.h_bf16, p.x, nullptr, T, hidden, L.input_layernorm, c.rms_norm_eps, pending,
                stream);                                                                        // residual += ffn; pre-norm
     mark("input_norm");
     for (int r = reps("qkv_proj"); r-- > 0;) {
@@ -569,10 +575,10 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
     mark("qkv_rope_cache");
     for (int r = reps("attention"); r-- > 0;)
       if (f32_cache)
-        attention(p.attn, small ? nullptr : p.attn_bf16, p.q, k_cache32_l, v_cache32_l, ab, c.num_attention_heads,
+        attention(p.attn, small ? Bf16Pair{} : p.attn_bf16, p.q, k_cache32_l, v_cache32_l, ab, c.num_attention_heads,
                   c.num_key_value_heads, c.head_dim, stream);
       else
-        attention(p.attn, small ? nullptr : p.attn_bf16, p.q, k_cache_l, v_cache_l, ab, c.num_attention_heads,
+        attention(p.attn, small ? Bf16Pair{} : p.attn_bf16, p.q, k_cache_l, v_cache_l, ab, c.num_attention_heads,
                   c.num_key_value_heads, c.head_dim, stream);                                  // causal GQA
     mark("attention");
     for (int r = reps("o_proj"); r-- > 0;) {
@@ -581,7 +587,7 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
     }
     mark("o_proj");
     for (int r = reps("post_norm"); r-- > 0;)
-      rms_norm(p.h, small ? nullptr : p.h_bf16, p.x, nullptr, T, hidden, L.post_attention_layernorm, c.rms_norm_eps, {},
+      rms_norm(p.h, small ? Bf16Pair{} : p.h_bf16, p.x, nullptr, T, hidden, L.post_attention_layernorm, c.rms_norm_eps, {},
                stream);                                                                        // pre-norm
     mark("post_norm");
     const ExpertWeights& f = L.ffn;
@@ -636,7 +642,7 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
       pending = {p.ffn_out, 1, nullptr};
     }
   }
-  rms_norm(p.h_last, sh.small_head ? nullptr : p.h_last_bf16, p.x, d_last_rows, S, hidden, norm, c.rms_norm_eps,
+  rms_norm(p.h_last, sh.small_head ? Bf16Pair{} : p.h_last_bf16, p.x, d_last_rows, S, hidden, norm, c.rms_norm_eps,
            pending, stream);                                                                   // final norm, last rows
   mark("final_norm");
   for (int r = reps("lm_head"); r-- > 0;) {

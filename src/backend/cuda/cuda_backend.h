@@ -20,6 +20,8 @@ struct CudaBackendOptions {
                                         // (f32 activations, own GEMV kernels); 0 forces the large path
   bool cuda_graphs = true;              // decode passes as CUDA graphs (false: vLLM's --enforce-eager)
   bool kv_cache_f32 = false;            // keys and values cached in f32 (--kv-cache-dtype float32), else bf16
+  bool matmul_precision_high = false;   // --matmul-precision high: the activations of tensor-core products
+                                        // as two bf16 terms (hi + lo), each product taken over both
 };
 
 class CudaBackend final : public Backend {

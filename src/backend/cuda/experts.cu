@@ -141,13 +141,15 @@ __device__ __forceinline__ uint32_t lds32(const bf16* p) { return *reinterpret_c
 
 // GATED: hb[s, n] = silu(a[s] . gate[n]) * (a[s] . up[n]), a = xb rows gathered by token, n < inter.
 // else:  ffn_out[t, j, n] = topk_weights[pair] * (hb[s] . down[n]), n < hidden, pair = sorted_pairs[s].
-// grid (max tiles, ceil(N / 64)); tiles past *num_tiles exit.
-template <bool GATED>
+// SPLIT: a is a_src.hi + a_src.lo, each term a product of its own into the same accumulators (and
+// hb.lo receives the output's lo term). grid (max tiles, ceil(N / 64)); tiles past *num_tiles exit.
+template <bool GATED, bool SPLIT>
 __global__ void __launch_bounds__(k_gemm_threads)
-    grouped_gemm_kernel(bf16* hb, float* ffn_out, int num_slots, const bf16* a_src, const float* topk_weights,
+    grouped_gemm_kernel(Bf16Pair hb, float* ffn_out, int num_slots, ConstBf16Pair a_src, const float* topk_weights,
                         ExpertWeights w, ExpertGroups groups, int hidden, int top_k) {
   constexpr int NB = GATED ? 2 : 1;  // weight tiles per stage: gate and up, or down
-  __shared__ __align__(16) bf16 as[2][k_bm][k_lds];
+  constexpr int NA = SPLIT ? 2 : 1;  // activation terms: hi (and lo)
+  __shared__ __align__(16) bf16 as[2][NA][k_bm][k_lds];
   __shared__ __align__(16) bf16 bs[2][NB][k_bn][k_lds];
   const int tile = blockIdx.x;
   if (tile >= *groups.num_tiles) return;
@@ -165,7 +167,7 @@ __global__ void __launch_bounds__(k_gemm_threads)
 
   // Each thread copies two 16-byte chunks of the A tile and two of each B tile per stage: chunk c =
   // tid + 128 i covers row c / 4, columns (c % 4) * 8 .. + 8.
-  const bf16* a_row[2];
+  const bf16* a_row[2][NA];
   bool a_ok[2];
   const bf16* b_row[2][NB];
   bool b_ok[2];
@@ -178,7 +180,8 @@ __global__ void __launch_bounds__(k_gemm_threads)
     const int s = row0 + chunk_row[i];
     a_ok[i] = s < row_end;
     const int64_t a_index = GATED ? (a_ok[i] ? groups.sorted_pairs[s] / top_k : 0) : (a_ok[i] ? s : 0);
-    a_row[i] = a_src + a_index * k_total;
+    a_row[i][0] = a_src.hi + a_index * k_total;
+    if constexpr (SPLIT) a_row[i][NA - 1] = a_src.lo + a_index * k_total;
     const int n = n0 + chunk_row[i];
     b_ok[i] = n < n_total;
     const int nn = b_ok[i] ? n : 0;
@@ -190,7 +193,9 @@ __global__ void __launch_bounds__(k_gemm_threads)
     for (int i = 0; i < 2; ++i) {
       const int k = k0 + chunk_col[i];
       const bool k_ok = k < k_total;  // k_total % 8 == 0: a chunk is all in or all out
-      cp_async16(&as[stage][chunk_row[i]][chunk_col[i]], a_row[i] + (k_ok ? k : 0), a_ok[i] && k_ok);
+#pragma unroll
+      for (int term = 0; term < NA; ++term)
+        cp_async16(&as[stage][term][chunk_row[i]][chunk_col[i]], a_row[i][term] + (k_ok ? k : 0), a_ok[i] && k_ok);
 #pragma unroll
       for (int m = 0; m < NB; ++m)
         cp_async16(&bs[stage][m][chunk_row[i]][chunk_col[i]], b_row[i][m] + (k_ok ? k : 0), b_ok[i] && k_ok);
@@ -222,15 +227,17 @@ __global__ void __launch_bounds__(k_gemm_threads)
     const int st = kt & 1;
 #pragma unroll
     for (int kk = 0; kk < k_bk; kk += 16) {
-      uint32_t af[2][4];
+      uint32_t af[NA][2][4];
 #pragma unroll
-      for (int mi = 0; mi < 2; ++mi) {
-        const int r = wm * 32 + mi * 16 + g;
-        af[mi][0] = lds32(&as[st][r][kk + 2 * tq]);
-        af[mi][1] = lds32(&as[st][r + 8][kk + 2 * tq]);
-        af[mi][2] = lds32(&as[st][r][kk + 8 + 2 * tq]);
-        af[mi][3] = lds32(&as[st][r + 8][kk + 8 + 2 * tq]);
-      }
+      for (int term = 0; term < NA; ++term)
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          const int r = wm * 32 + mi * 16 + g;
+          af[term][mi][0] = lds32(&as[st][term][r][kk + 2 * tq]);
+          af[term][mi][1] = lds32(&as[st][term][r + 8][kk + 2 * tq]);
+          af[term][mi][2] = lds32(&as[st][term][r][kk + 8 + 2 * tq]);
+          af[term][mi][3] = lds32(&as[st][term][r + 8][kk + 8 + 2 * tq]);
+        }
 #pragma unroll
       for (int m = 0; m < NB; ++m)
 #pragma unroll
@@ -238,7 +245,9 @@ __global__ void __launch_bounds__(k_gemm_threads)
           const int c = wn * 32 + ni * 8 + g;
           const uint32_t b0 = lds32(&bs[st][m][c][kk + 2 * tq]), b1 = lds32(&bs[st][m][c][kk + 8 + 2 * tq]);
 #pragma unroll
-          for (int mi = 0; mi < 2; ++mi) mma_bf16(acc[m][mi][ni], af[mi], b0, b1);
+          for (int term = 0; term < NA; ++term)
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) mma_bf16(acc[m][mi][ni], af[term][mi], b0, b1);
         }
     }
     __syncthreads();  // the stage just read is the next one loaded
@@ -252,13 +261,13 @@ __global__ void __launch_bounds__(k_gemm_threads)
       const int s = row0 + wm * 32 + mi * 16 + g + 8 * half;
       if (s >= row_end) continue;
       if constexpr (GATED) {
-        bf16* out = hb + static_cast<int64_t>(s) * inter;
+        const int64_t out = static_cast<int64_t>(s) * inter;
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
             const int n = n0 + wn * 32 + ni * 8 + 2 * tq + c;
-            if (n < inter) out[n] = float_to_bf16(silu(acc[0][mi][ni][2 * half + c]) * acc[NB - 1][mi][ni][2 * half + c]);
+            if (n < inter) store_bf16(hb, out + n, silu(acc[0][mi][ni][2 * half + c]) * acc[NB - 1][mi][ni][2 * half + c]);
           }
       } else {
         const int pair = groups.sorted_pairs[s];
@@ -317,25 +326,34 @@ void experts_down_small(float* ffn_out, int num_slots, const float* h, int ld_h,
   CUDA_CHECK_LAUNCH();
 }
 
-void experts_gate_up_grouped(bf16* hb, const bf16* xb, const ExpertWeights& w, const ExpertGroups& groups,
+void experts_gate_up_grouped(Bf16Pair hb, ConstBf16Pair xb, const ExpertWeights& w, const ExpertGroups& groups,
                              int num_tokens, int hidden, int num_experts, int top_k, cudaStream_t stream) {
   const int num_pairs = num_tokens * top_k;
   if (num_pairs == 0 || num_experts == 0) return;
   if (hidden % 8 != 0) argument_error("experts_gate_up_grouped", "hidden must be a multiple of 8");
+  if ((xb.lo == nullptr) != (hb.lo == nullptr))
+    argument_error("experts_gate_up_grouped", "the input and the output have a lo term together or not at all");
   const dim3 grid(max_expert_tiles(num_pairs, num_experts), ceil_div(w.inter, k_bn));
-  grouped_gemm_kernel<true><<<grid, k_gemm_threads, 0, stream>>>(hb, nullptr, 0, xb, nullptr, w, groups, hidden, top_k);
+  if (xb.lo != nullptr)
+    grouped_gemm_kernel<true, true><<<grid, k_gemm_threads, 0, stream>>>(hb, nullptr, 0, xb, nullptr, w, groups, hidden, top_k);
+  else
+    grouped_gemm_kernel<true, false><<<grid, k_gemm_threads, 0, stream>>>(hb, nullptr, 0, xb, nullptr, w, groups, hidden, top_k);
   CUDA_CHECK_LAUNCH();
 }
 
-void experts_down_grouped(float* ffn_out, int num_slots, const bf16* hb, const float* topk_weights,
+void experts_down_grouped(float* ffn_out, int num_slots, ConstBf16Pair hb, const float* topk_weights,
                           const ExpertWeights& w, const ExpertGroups& groups, int num_tokens, int hidden,
                           int num_experts, int top_k, cudaStream_t stream) {
   const int num_pairs = num_tokens * top_k;
   if (num_pairs == 0 || num_experts == 0) return;
   if (w.inter % 8 != 0) argument_error("experts_down_grouped", "the expert intermediate size must be a multiple of 8");
   const dim3 grid(max_expert_tiles(num_pairs, num_experts), ceil_div(hidden, k_bn));
-  grouped_gemm_kernel<false><<<grid, k_gemm_threads, 0, stream>>>(nullptr, ffn_out, num_slots, hb, topk_weights, w,
-                                                                  groups, hidden, top_k);
+  if (hb.lo != nullptr)
+    grouped_gemm_kernel<false, true><<<grid, k_gemm_threads, 0, stream>>>(nullptr, ffn_out, num_slots, hb, topk_weights,
+                                                                          w, groups, hidden, top_k);
+  else
+    grouped_gemm_kernel<false, false><<<grid, k_gemm_threads, 0, stream>>>(nullptr, ffn_out, num_slots, hb, topk_weights,
+                                                                           w, groups, hidden, top_k);
   CUDA_CHECK_LAUNCH();
 }
 

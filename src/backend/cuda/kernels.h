@@ -46,13 +46,15 @@ struct FfnFold {
 
 // For each row r (rows[r], or r when rows is nullptr): x[row] += fold (written back), then
 // out[r] = x[row] / sqrt(mean(x[row]^2) + eps) * weight, as HF's RMSNorm in f32.
-// x: [num_tokens, hidden]; out: [num_rows, hidden] f32; out_bf16: [num_rows, hidden] or nullptr; weight: [hidden].
-void rms_norm(float* out, bf16* out_bf16, float* x, const int32_t* rows, int num_rows, int hidden, const float* weight,
+// x: [num_tokens, hidden]; out: [num_rows, hidden] f32; out_bf16: [num_rows, hidden] (hi, and lo when
+// given) or nullptr; weight: [hidden].
+void rms_norm(float* out, Bf16Pair out_bf16, float* x, const int32_t* rows, int num_rows, int hidden, const float* weight,
               float eps, const FfnFold& fold, cudaStream_t stream);
 
 // out[t, i] = silu(gate_up[t, i]) * gate_up[t, inter + i], rounded to bf16.
-// gate_up: [num_tokens, 2 * inter] f32 (gate columns, then up columns); out: [num_tokens, inter].
-void swiglu_bf16(bf16* out, const float* gate_up, int num_tokens, int inter, cudaStream_t stream);
+// gate_up: [num_tokens, 2 * inter] f32 (gate columns, then up columns); out: [num_tokens, inter] (hi, and lo
+// when given).
+void swiglu_bf16(Bf16Pair out, const float* gate_up, int num_tokens, int inter, cudaStream_t stream);
 
 // --- Skinny matrix products for small passes (gemv.cu) ---------------------------------------------
 
@@ -191,11 +193,13 @@ void experts_down_small(float* ffn_out, int num_slots, const float* h, int ld_h,
 
 // Large passes: grouped GEMMs on the tensor cores over the expert-sorted pairs.
 // Gate/up with SwiGLU fused: hb[s] = silu(g) * u for sorted row s (its token's xb row gathered).
-// xb: [num_tokens, hidden] bf16; hb: [num_tokens * top_k, inter] bf16.
-void experts_gate_up_grouped(bf16* hb, const bf16* xb, const ExpertWeights& w, const ExpertGroups& groups,
+// xb: [num_tokens, hidden] bf16; hb: [num_tokens * top_k, inter] bf16. With xb.lo the products take both
+// terms (twice the tensor-core work), and hb.lo (then required) receives the lo term of the output.
+void experts_gate_up_grouped(Bf16Pair hb, ConstBf16Pair xb, const ExpertWeights& w, const ExpertGroups& groups,
                              int num_tokens, int hidden, int num_experts, int top_k, cudaStream_t stream);
-// Down with the routing weight and un-permute fused: ffn_out[t, j] = topk_weights[t, j] * (hb[s] . down_e).
-void experts_down_grouped(float* ffn_out, int num_slots, const bf16* hb, const float* topk_weights,
+// Down with the routing weight and un-permute fused: ffn_out[t, j] = topk_weights[t, j] * (hb[s] . down_e),
+// hb's lo term included when given.
+void experts_down_grouped(float* ffn_out, int num_slots, ConstBf16Pair hb, const float* topk_weights,
                           const ExpertWeights& w, const ExpertGroups& groups, int num_tokens, int hidden,
                           int num_experts, int top_k, cudaStream_t stream);
 

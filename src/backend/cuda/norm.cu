@@ -18,8 +18,8 @@ constexpr int k_norm_per_thread = 8;  // hidden <= 8 * 1024
 // One block per row; each thread keeps its (at most 8) elements in registers, so every load of a row
 // is in flight at once (a decode's norm is one block: latency, not bandwidth, is what it costs).
 // x: [T, hidden] residual (fold added in place); out: [num_rows, hidden]; out_bf16: [num_rows, hidden]
-// or null; rows: [num_rows] or null; weight: [hidden].
-__global__ void __launch_bounds__(1024) rms_norm_kernel(float* out, bf16* out_bf16, float* x, const int32_t* rows, int hidden,
+// (hi, and lo when given) or null; rows: [num_rows] or null; weight: [hidden].
+__global__ void __launch_bounds__(1024) rms_norm_kernel(float* out, Bf16Pair out_bf16, float* x, const int32_t* rows, int hidden,
                                 const float* weight, float eps, FfnFold fold) {
   __shared__ float scratch[32];
   const int r = blockIdx.x, tid = threadIdx.x, threads = blockDim.x;
@@ -68,17 +68,17 @@ __global__ void __launch_bounds__(1024) rms_norm_kernel(float* out, bf16* out_bf
     if (i >= hidden) continue;
     const float y = weight[i] * (v[j] * inv);
     o[i] = y;
-    if (out_bf16 != nullptr) out_bf16[static_cast<int64_t>(r) * hidden + i] = float_to_bf16(y);
+    if (out_bf16.hi != nullptr) store_bf16(out_bf16, static_cast<int64_t>(r) * hidden + i, y);
   }
 }
 
-// gate_up: [T, 2 * inter] f32; out: [T, inter] bf16.
-__global__ void swiglu_bf16_kernel(bf16* out, const float* gate_up, int64_t total, int inter) {
+// gate_up: [T, 2 * inter] f32; out: [T, inter] bf16 (hi, and lo when given).
+__global__ void swiglu_bf16_kernel(Bf16Pair out, const float* gate_up, int64_t total, int inter) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = i / inter, c = i % inter;
     const float g = gate_up[t * 2 * inter + c], u = gate_up[t * 2 * inter + inter + c];
-    out[i] = float_to_bf16(silu(g) * u);
+    store_bf16(out, i, silu(g) * u);
   }
 }
 
@@ -90,7 +90,7 @@ void embed(float* x, const bf16* table, const int32_t* token_ids, int num_tokens
   CUDA_CHECK_LAUNCH();
 }
 
-void rms_norm(float* out, bf16* out_bf16, float* x, const int32_t* rows, int num_rows, int hidden, const float* weight,
+void rms_norm(float* out, Bf16Pair out_bf16, float* x, const int32_t* rows, int num_rows, int hidden, const float* weight,
               float eps, const FfnFold& fold, cudaStream_t stream) {
   if (num_rows == 0) return;
   if (hidden > k_norm_per_thread * 1024) argument_error("rms_norm", "hidden is larger than 8192");
@@ -100,7 +100,7 @@ void rms_norm(float* out, bf16* out_bf16, float* x, const int32_t* rows, int num
   CUDA_CHECK_LAUNCH();
 }
 
-void swiglu_bf16(bf16* out, const float* gate_up, int num_tokens, int inter, cudaStream_t stream) {
+void swiglu_bf16(Bf16Pair out, const float* gate_up, int num_tokens, int inter, cudaStream_t stream) {
   const int64_t total = static_cast<int64_t>(num_tokens) * inter;
   if (total == 0) return;
   const int blocks = static_cast<int>(std::min<int64_t>((total + 255) / 256, 65536));
