@@ -561,19 +561,36 @@ struct AttentionCase {
   QkNorm qk_norm;
   bool bias;
   float clip;
+  int long_block_size = 0;  // > 0: the long passes below, with cache blocks of this many tokens
 };
 
-// Two passes over three sequences with a paged cache of 4-token blocks in scattered order. Pass 1:
-// B's prompt (5 tokens), C's first chunk (9). Pass 2: A's prompt (20: two prefill tiles), B's decode
-// (1 token at position 5), C's second chunk (7 tokens from position 9). Each pass's attention output
-// goes through o_proj on the CPU and is compared with cpu::attention; then the cached keys and values.
+// With the bf16 cache, prefill tiles of head_dim 16, 32, 64 and 128 run on the tensor cores (q and P
+// rounded to bf16 as well: see attention.cu), head_dim 8 and the f32 cache on the CUDA cores; decode rows
+// on the CUDA cores. The tolerance stays k_bf16_tol: the cache's rounding of k and v alone measured 2e-3
+// relative before (docs/CUDA.md); rounding q as well adds an error of the same kind and size as rounding
+// k, and rounding P moves each weight by at most 2^-9 relative (2e-3), errors of random sign that partly
+// cancel over the keys and the o_proj sum, so the total stays well below 1e-2.
+//
+// The short passes: three sequences with a paged cache of 4-token blocks in scattered order. Pass 1: B's
+// prompt (5 tokens), C's first chunk (9). Pass 2: A's prompt (20), B's decode (1 token at position 5),
+// C's second chunk (7 tokens from position 9).
+// The long passes (long_block_size > 0): pass 1: A's prompt of 150 tokens (tiles of 64, 64 and 22 rows),
+// B's prompt (5); pass 2: A's chunk of 130 tokens from position 150 after its cached prefix (tiles from
+// positions 150, 214 and 278: key blocks of 64 that cross the tiles' diagonals at other offsets than 0),
+// B's decode. The cache blocks of both sequences are shuffled.
+// Each pass's attention output goes through o_proj on the CPU and is compared with cpu::attention; then
+// the cached keys and values.
 TEST_F(CudaKernels, AttentionMatchesCpuAttentionOverPagedCache) {
   std::mt19937 rng(10);
   for (const AttentionCase& ac : {AttentionCase{"qwen2 gqa bias", 64, 4, 2, 16, QkNorm::None, true, 0.0f},
                                  AttentionCase{"olmoe full qk-norm clip", 64, 4, 4, 16, QkNorm::Full, false, 0.08f},
                                  AttentionCase{"qwen3 per-head qk-norm hd32", 64, 4, 2, 32, QkNorm::PerHead, false, 0.0f},
                                  AttentionCase{"mixtral gqa hd8", 64, 8, 2, 8, QkNorm::None, false, 0.0f},
-                                 AttentionCase{"hd128", 256, 2, 1, 128, QkNorm::None, true, 0.0f}}) {
+                                 AttentionCase{"hd128", 256, 2, 1, 128, QkNorm::None, true, 0.0f},
+                                 AttentionCase{"long gqa4 hd128 blocks of 16", 256, 8, 2, 128, QkNorm::None, true, 0.0f, 16},
+                                 AttentionCase{"long gqa2 hd64 blocks of 4", 128, 4, 2, 64, QkNorm::None, false, 0.0f, 4},
+                                 AttentionCase{"long gqa2 hd96 blocks of 16", 192, 4, 2, 96, QkNorm::PerHead, false, 0.0f,
+                                               16}}) {
     ModelConfig c;
     c.hidden_size = ac.hidden;
     c.num_attention_heads = ac.heads;
@@ -640,24 +657,38 @@ TEST_F(CudaKernels, AttentionMatchesCpuAttentionOverPagedCache) {
     qp.clip = ac.clip;
     qp.rope_inv_freq = d_inv.data();
 
-    // Paged cache: 64 blocks of 4; sequence s owns the blocks listed (scattered on purpose).
-    const int block_size = 4, num_blocks = 64, max_blocks = 8;
-    const std::vector<std::vector<int32_t>> tables = {{17, 3, 40, 8, 22, 63}, {5, 30}, {12, 0, 51, 9}};
+    // Paged cache: sequence s owns the blocks tables[s] (scattered on purpose).
+    struct Chunk { int seq, start, n; };
+    int block_size = 4, num_blocks = 64;
+    std::vector<std::vector<int32_t>> tables = {{17, 3, 40, 8, 22, 63}, {5, 30}, {12, 0, 51, 9}};
+    std::vector<std::vector<Chunk>> passes = {{{1, 0, 5}, {2, 0, 9}}, {{0, 0, 20}, {1, 5, 1}, {2, 9, 7}}};
+    if (ac.long_block_size > 0) {
+      block_size = ac.long_block_size;
+      const int blocks_a = (280 + block_size - 1) / block_size, blocks_b = (6 + block_size - 1) / block_size;
+      num_blocks = blocks_a + blocks_b + 3;  // a few never used
+      std::vector<int32_t> ids(static_cast<size_t>(num_blocks));
+      std::iota(ids.begin(), ids.end(), 0);
+      std::shuffle(ids.begin(), ids.end(), rng);
+      tables = {std::vector<int32_t>(ids.begin(), ids.begin() + blocks_a),
+                std::vector<int32_t>(ids.begin() + blocks_a, ids.begin() + blocks_a + blocks_b)};
+      passes = {{{0, 0, 150}, {1, 0, 5}}, {{0, 150, 130}, {1, 5, 1}}};
+    }
+    const int num_seqs = static_cast<int>(tables.size());
+    int max_blocks = 0;
+    for (const auto& t : tables) max_blocks = std::max(max_blocks, static_cast<int>(t.size()));
     DeviceBuffer<uint16_t> k_cache(static_cast<size_t>(num_blocks) * block_size * kv_size),
         v_cache(static_cast<size_t>(num_blocks) * block_size * kv_size);
     // The same passes through an f32 cache (--kv-cache-dtype float32): nothing rounded to bf16 on the way.
     DeviceBuffer<float> k_cache32(k_cache.size()), v_cache32(v_cache.size());
-    std::vector<int32_t> table_flat(3 * max_blocks, 0);
-    for (int s = 0; s < 3; ++s) std::copy(tables[s].begin(), tables[s].end(), table_flat.begin() + s * max_blocks);
+    std::vector<int32_t> table_flat(static_cast<size_t>(num_seqs) * max_blocks, 0);
+    for (int s = 0; s < num_seqs; ++s) std::copy(tables[s].begin(), tables[s].end(), table_flat.begin() + s * max_blocks);
     auto d_tables = to_device(table_flat);
 
-    std::vector<cpu::SequenceCache> cpu_caches(3);
+    std::vector<cpu::SequenceCache> cpu_caches(static_cast<size_t>(num_seqs));
     for (auto& sc : cpu_caches) {
       sc.k.resize(1);
       sc.v.resize(1);
     }
-    struct Chunk { int seq, start, n; };
-    const std::vector<std::vector<Chunk>> passes = {{{1, 0, 5}, {2, 0, 9}}, {{0, 0, 20}, {1, 5, 1}, {2, 9, 7}}};
     for (size_t pass = 0; pass < passes.size(); ++pass) {
       cpu::TokenLayout layout;
       std::vector<int32_t> token_pos, token_seq, slots, decode_rows;
@@ -717,9 +748,19 @@ TEST_F(CudaKernels, AttentionMatchesCpuAttentionOverPagedCache) {
       ab.num_decode = static_cast<int>(decode_rows.size());
       ab.token_seq = d_seq.data();
       ab.token_pos = d_pos.data();
-      cuda::attention(d_attn.data(), nullptr, d_q.data(), k_cache.data(), v_cache.data(), ab, ac.heads, ac.kv_heads,
-                      ac.head_dim, nullptr);
+      DeviceBuffer<uint16_t> d_attn_hi(static_cast<size_t>(T) * q_size), d_attn_lo(d_attn_hi.size());
+      cuda::attention(d_attn.data(), {d_attn_hi.data(), d_attn_lo.data()}, d_q.data(), k_cache.data(), v_cache.data(),
+                      ab, ac.heads, ac.kv_heads, ac.head_dim, nullptr);
       const auto attn = to_host(d_attn, static_cast<size_t>(T) * q_size);
+      {  // the bf16 terms o_proj reads, bit for bit: hi = bf16(out), lo = bf16(out - hi)
+        const auto hi = to_host(d_attn_hi, attn.size()), lo = to_host(d_attn_lo, attn.size());
+        size_t wrong = 0;
+        for (size_t i = 0; i < attn.size(); ++i) {
+          const uint16_t h = f32_to_bf16(attn[i]);
+          if (hi[i] != h || lo[i] != f32_to_bf16(attn[i] - bf16_to_f32(h))) ++wrong;
+        }
+        EXPECT_EQ(wrong, 0u) << ac.name << " pass " << pass + 1 << ": bf16 copy of the attention output";
+      }
       std::vector<float> got(ref.size());
       cpu::matmul(got.data(), attn.data(), T, w.o_proj);
       expect_close(fmt::format("attention {} pass {} ({} prefill tiles, {} decode rows)", ac.name, pass + 1, tiles.size(),

@@ -1,9 +1,16 @@
 // Causal GQA attention over the paged KV cache, with an online softmax in f32 (flash-style). Prefill
-// rows are computed in tiles of 64 consecutive tokens of one sequence that share each key block loaded
-// into shared memory (16-byte loads); a decode row (a sequence with one new token) has a block of its
-// own whose eight warps split the positions, each loading its keys and values with all loads in
-// flight, and merge their partial softmaxes.
-#include "backend/cuda/common.cuh"
+// rows are computed in tiles of 64 consecutive tokens of one sequence. With the bf16 cache and head_dim a
+// multiple of 16 (at most 128) a tile runs on the tensor cores (flash-attention 2: mma.sync m16n8k16, bf16
+// in, f32 accumulate, key blocks of 64 positions double-buffered in shared memory with cp.async); there q
+// and the softmax weights P are rounded to bf16 for the two products (new roundings beside the cache's
+// own: a relative error of a few 2^-9), while the scores, the softmax and the output stay f32. Otherwise
+// (the f32 cache, the accuracy path, and other head sizes) a tile computes in f32 on the CUDA cores,
+// sharing each key block loaded into shared memory (16-byte loads). A decode row (a sequence with one new
+// token) has a block of its own whose eight warps split the positions, each loading its keys and values
+// with all loads in flight, and merge their partial softmaxes; it computes in f32 for either cache.
+#include <type_traits>
+
+#include "backend/cuda/mma.cuh"
 
 namespace moescope::cuda {
 namespace {
@@ -235,11 +242,259 @@ __global__ void __launch_bounds__(k_threads)
   }
 }
 
+// ---- prefill on the tensor cores: bf16 cache, head_dim a multiple of 16, at most 128 --------------------
+
+constexpr int k_mma_threads = 128;      // 4 warps
+constexpr int k_mma_warp_rows = 16;     // query rows per warp: one m16 tile
+constexpr int k_mma_keys = 64;          // key positions per block (one pipeline stage)
+constexpr int k_mma_max_head_dim = 128;
+static_assert(k_mma_threads / 32 * k_mma_warp_rows == k_prefill_tile_rows, "4 warps of 16 rows make a tile");
+
+// Dynamic shared memory of the kernel: k and v of two key blocks, [2][64][hd + 8] bf16 each. The 16-byte
+// pad makes the row pitch an odd number of 16-byte units (hd % 16 == 0), so the eight rows of an ldmatrix
+// phase fall in eight different bank groups.
+size_t mma_smem_bytes(int hd) { return size_t{2} * 2 * k_mma_keys * (hd + 8) * sizeof(bf16); }
+
+// grid (num_prefill_tiles, num_heads). Warp w owns the tile's rows 16 w .. 16 w + 15: their q as A
+// fragments (bf16) and their output as C fragments (f32). Lane (g, tq) holds rows 16 w + g and
+// 16 w + g + 8. HDMAX: head_dim rounded up to 32, 64 or 128, the size of the register arrays (16-dim
+// steps past hd are skipped).
+template <int HDMAX>
+__global__ void __launch_bounds__(k_mma_threads)
+    attention_prefill_mma_kernel(float* out, Bf16Pair out_bf16, const float* q, const bf16* k_cache,
+                                 const bf16* v_cache, AttentionBatch b, int num_heads, int num_kv_heads, int hd,
+                                 float scale_log2) {
+  constexpr int KS = HDMAX / 16;      // 16-dim steps of q . k
+  constexpr int ND = HDMAX / 8;       // 8-dim column tiles of the output
+  constexpr int NK = k_mma_keys / 8;  // 8-key column tiles of the scores
+  extern __shared__ uint4 kv_smem[];  // uint4: 16-byte aligned for cp.async and ldmatrix
+  const int pitch = hd + 8, stage_elems = k_mma_keys * pitch;
+  bf16* const ks = reinterpret_cast<bf16*>(kv_smem);  // [2][64][pitch]
+  bf16* const vs = ks + 2 * stage_elems;              // [2][64][pitch]
+
+  // A prompt's tiles come in position order and its last tiles see the most keys: starting those first
+  // shortens the grid's tail.
+  const PrefillTile tile = b.prefill_tiles[gridDim.x - 1 - blockIdx.x];
+  const int h = blockIdx.y, kvh = h / (num_heads / num_kv_heads);
+  const int q_size = num_heads * hd, kv_size = num_kv_heads * hd;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tq = lane & 3;
+  const int32_t* block_table = b.block_tables + static_cast<int64_t>(tile.seq) * b.max_blocks;
+  const int last_pos = tile.pos + tile.num_rows - 1;
+
+  // Keys and values of positions k0 .. k0 + 63 into stage `stage`, 16 bytes per cp.async; the cache row
+  // is looked up per position (a key block spans several cache blocks when block_size < 64). Positions
+  // past last_pos are zero-filled: their P is 0, and 0 times a NaN left in shared memory would not be.
+  const int chunks = hd / 8;  // 16-byte pieces of a cached row
+  auto load_block = [&](int stage, int k0) {
+    bf16* kd = ks + stage * stage_elems;
+    bf16* vd = vs + stage * stage_elems;
+    for (int c = tid; c < k_mma_keys * chunks; c += k_mma_threads) {
+      const int j = c / chunks, d = (c % chunks) * 8, pos = k0 + j;
+      const bool valid = pos <= last_pos;
+      const int64_t at = valid ? cache_row(block_table, b.block_size, pos) * kv_size + kvh * hd + d : 0;
+      cp_async16(kd + j * pitch + d, k_cache + at, valid);
+      cp_async16(vd + j * pitch + d, v_cache + at, valid);
+    }
+  };
+  const int num_key_blocks = last_pos / k_mma_keys + 1;
+  load_block(0, 0);
+  cp_async_commit();
+
+  const int r0 = warp * k_mma_warp_rows + g, r1 = r0 + 8;  // this lane's rows in the tile
+  const int pos0 = tile.pos + r0, pos1 = tile.pos + r1;
+  // Rows past the tile's end have positions past last_pos, so the causal mask alone keeps their scores
+  // finite (their q is zero); they are never written.
+  const int warp_rows = min(k_mma_warp_rows, tile.num_rows - warp * k_mma_warp_rows);  // <= 0: none
+  const int warp_first_pos = tile.pos + warp * k_mma_warp_rows, warp_last_pos = warp_first_pos + warp_rows - 1;
+
+  // q rounded to bf16 once (round to nearest even), as the A fragments of the 16-dim steps.
+  uint32_t qf[KS][4];
+  {
+    const bool ok0 = r0 < tile.num_rows, ok1 = r1 < tile.num_rows;
+    const float* q0 = q + static_cast<int64_t>(tile.row + (ok0 ? r0 : 0)) * q_size + h * hd;
+    const float* q1 = q + static_cast<int64_t>(tile.row + (ok1 ? r1 : 0)) * q_size + h * hd;
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+      const int d = 16 * kk + 2 * tq;
+      const bool in = 16 * kk < hd;
+      float2 a0 = make_float2(0.0f, 0.0f), a1 = a0, a2 = a0, a3 = a0;
+      if (in && ok0) {
+        a0 = __ldg(reinterpret_cast<const float2*>(q0 + d));
+        a2 = __ldg(reinterpret_cast<const float2*>(q0 + d + 8));
+      }
+      if (in && ok1) {
+        a1 = __ldg(reinterpret_cast<const float2*>(q1 + d));
+        a3 = __ldg(reinterpret_cast<const float2*>(q1 + d + 8));
+      }
+      qf[kk][0] = pack_bf16x2(a0.x, a0.y);
+      qf[kk][1] = pack_bf16x2(a1.x, a1.y);
+      qf[kk][2] = pack_bf16x2(a2.x, a2.y);
+      qf[kk][3] = pack_bf16x2(a3.x, a3.y);
+    }
+  }
+
+  // o: C fragments of the output tiles (8 dims each); m: running max of the unscaled scores; l: this
+  // lane's part of the running sum (its 16 of a row's 64 keys per block; the quad's parts are added at
+  // the end). Row r0 takes c0, c1 and m0, l0; row r1 takes c2, c3 and m1, l1.
+  float o[ND][4];
+#pragma unroll
+  for (int nd = 0; nd < ND; ++nd)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) o[nd][c] = 0.0f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+
+  // Lane addresses for ldmatrix (lane 8 i + r gives row r of matrix i). k: matrices (keys +0, dims +0),
+  // (keys +0, dims +8), (keys +8, dims +0), (keys +8, dims +8): b0, b1 of two 8-key tiles. v (.trans):
+  // (keys +0, dims +0), (keys +8, dims +0), (keys +0, dims +8), (keys +8, dims +8): b0, b1 of two 8-dim tiles.
+  const int k_lane = ((lane & 7) + ((lane >> 4) << 3)) * pitch + ((lane >> 3) & 1) * 8;
+  const int v_lane = ((lane & 7) + ((lane >> 3) & 1) * 8) * pitch + (lane >> 4) * 8;
+
+  for (int kb = 0; kb < num_key_blocks; ++kb) {
+    if (kb + 1 < num_key_blocks) {
+      load_block((kb + 1) & 1, (kb + 1) * k_mma_keys);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // block kb is in shared memory
+    const int k0 = kb * k_mma_keys;
+    // A block wholly above the diagonal of the warp's rows adds nothing (uniform over the warp). Every
+    // warp with rows takes block 0, where key 0 is visible to each row: the running max is finite from then on.
+    if (k0 <= warp_last_pos) {
+      const bf16* kt = ks + (kb & 1) * stage_elems;
+      const bf16* vt = vs + (kb & 1) * stage_elems;
+
+      // S = q k^T over the 64 keys: s[nt] holds keys k0 + 8 nt .. + 7.
+      float s[NK][4];
+#pragma unroll
+      for (int nt = 0; nt < NK; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) s[nt][c] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk) {
+        if (16 * kk >= hd) continue;
+#pragma unroll
+        for (int nt = 0; nt < NK; nt += 2) {
+          uint32_t bk[4];
+          ldmatrix_x4(bk, kt + k_lane + nt * 8 * pitch + 16 * kk);
+          mma_bf16(s[nt], qf[kk], bk[0], bk[1]);
+          mma_bf16(s[nt + 1], qf[kk], bk[2], bk[3]);
+        }
+      }
+
+      // Causal mask, where the block reaches past the diagonal of one of the warp's rows.
+      if (k0 + k_mma_keys - 1 > warp_first_pos) {
+#pragma unroll
+        for (int nt = 0; nt < NK; ++nt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int key = k0 + nt * 8 + 2 * tq + (c & 1);
+            if (key > (c < 2 ? pos0 : pos1)) s[nt][c] = -INFINITY;
+          }
+      }
+
+      // Online softmax in f32. A row's 64 scores lie in the four lanes of a quad.
+      float mx0 = m0, mx1 = m1;
+#pragma unroll
+      for (int nt = 0; nt < NK; ++nt) {
+        mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+        mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+      }
+#pragma unroll
+      for (int offset = 1; offset < 4; offset <<= 1) {
+        mx0 = fmaxf(mx0, __shfl_xor_sync(k_full_mask, mx0, offset));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(k_full_mask, mx1, offset));
+      }
+      // exp(scale (s - m)) as exp2(s scale log2(e) - m scale log2(e)); 0 on the first block (m = -inf).
+      const float corr0 = exp2f((m0 - mx0) * scale_log2), corr1 = exp2f((m1 - mx1) * scale_log2);
+      const float base0 = mx0 * scale_log2, base1 = mx1 * scale_log2;
+      float sum0 = 0.0f, sum1 = 0.0f;
+      uint32_t pf[NK / 2][4];  // P rounded to bf16: the A fragments of keys k0 + 16 kc .. + 15
+#pragma unroll
+      for (int nt = 0; nt < NK; ++nt) {
+        const float p0 = exp2f(fmaf(s[nt][0], scale_log2, -base0)), p1 = exp2f(fmaf(s[nt][1], scale_log2, -base0));
+        const float p2 = exp2f(fmaf(s[nt][2], scale_log2, -base1)), p3 = exp2f(fmaf(s[nt][3], scale_log2, -base1));
+        sum0 += p0 + p1;
+        sum1 += p2 + p3;
+        pf[nt / 2][2 * (nt & 1)] = pack_bf16x2(p0, p1);      // row g: a0 (keys +0..7) or a2 (keys +8..15)
+        pf[nt / 2][2 * (nt & 1) + 1] = pack_bf16x2(p2, p3);  // row g + 8: a1 or a3
+      }
+      l0 = l0 * corr0 + sum0;
+      l1 = l1 * corr1 + sum1;
+      m0 = mx0;
+      m1 = mx1;
+#pragma unroll
+      for (int nd = 0; nd < ND; ++nd) {
+        o[nd][0] *= corr0;
+        o[nd][1] *= corr0;
+        o[nd][2] *= corr1;
+        o[nd][3] *= corr1;
+      }
+
+      // O += P V, 16 keys per step.
+#pragma unroll
+      for (int kc = 0; kc < NK / 2; ++kc)
+#pragma unroll
+        for (int nd = 0; nd < ND; nd += 2) {
+          if (8 * nd >= hd) continue;
+          uint32_t bv[4];
+          ldmatrix_x4_trans(bv, vt + v_lane + 16 * kc * pitch + 8 * nd);
+          mma_bf16(o[nd], pf[kc], bv[0], bv[1]);
+          mma_bf16(o[nd + 1], pf[kc], bv[2], bv[3]);
+        }
+    }
+    __syncthreads();  // the stage just read is the next one loaded
+  }
+
+#pragma unroll
+  for (int offset = 1; offset < 4; offset <<= 1) {
+    l0 += __shfl_xor_sync(k_full_mask, l0, offset);
+    l1 += __shfl_xor_sync(k_full_mask, l1, offset);
+  }
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = half == 0 ? r0 : r1;
+    if (r >= tile.num_rows) continue;
+    const float l = half == 0 ? l0 : l1;
+    const int64_t at = static_cast<int64_t>(tile.row + r) * q_size + h * hd;
+#pragma unroll
+    for (int nd = 0; nd < ND; ++nd) {
+      if (8 * nd >= hd) continue;
+      const int d = 8 * nd + 2 * tq;
+      const float v0 = o[nd][2 * half] / l, v1 = o[nd][2 * half + 1] / l;
+      *reinterpret_cast<float2*>(out + at + d) = make_float2(v0, v1);
+      if (out_bf16.hi != nullptr) {
+        store_bf16(out_bf16, at + d, v0);
+        store_bf16(out_bf16, at + d + 1, v1);
+      }
+    }
+  }
+}
+
+void launch_prefill_mma(float* out, Bf16Pair out_bf16, const float* q, const bf16* k_cache, const bf16* v_cache,
+                        const AttentionBatch& b, int num_heads, int num_kv_heads, int hd, cudaStream_t stream) {
+  constexpr float k_log2e = 1.4426950408889634f;
+  const float scale_log2 = k_log2e / sqrtf(static_cast<float>(hd));
+  const size_t smem = mma_smem_bytes(hd);
+  auto run = [&](auto kernel) {
+    if (smem > 48 * 1024)
+      CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    kernel<<<dim3(b.num_prefill_tiles, num_heads), k_mma_threads, smem, stream>>>(out, out_bf16, q, k_cache, v_cache, b,
+                                                                                   num_heads, num_kv_heads, hd, scale_log2);
+    CUDA_CHECK_LAUNCH();
+  };
+  if (hd <= 32) run(attention_prefill_mma_kernel<32>);
+  else if (hd <= 64) run(attention_prefill_mma_kernel<64>);
+  else run(attention_prefill_mma_kernel<128>);
+}
+
+// The CUDA-core kernels: prefill tiles (when `prefill`) and decode rows.
 template <int NCH, typename CacheT>
 void launch(float* out, Bf16Pair out_bf16, const float* q, const CacheT* k_cache, const CacheT* v_cache,
-            const AttentionBatch& b, int num_heads, int num_kv_heads, int hd, cudaStream_t stream) {
+            const AttentionBatch& b, int num_heads, int num_kv_heads, int hd, bool prefill, cudaStream_t stream) {
   const float scale = 1.0f / sqrtf(static_cast<float>(hd));
-  if (b.num_prefill_tiles > 0) {
+  if (prefill && b.num_prefill_tiles > 0) {
     const size_t smem =
         (static_cast<size_t>(k_prefill_tile_rows) * hd + k_key_block * (hd + 1) + k_key_block * hd) * sizeof(float);
     if (smem > 48 * 1024)
@@ -261,11 +516,18 @@ void dispatch(float* out, Bf16Pair out_bf16, const float* q, const CacheT* k_cac
               const AttentionBatch& batch, int num_heads, int num_kv_heads, int head_dim, cudaStream_t stream) {
   if (head_dim % 8 != 0 || head_dim > k_max_head_dim) argument_error("attention", "head_dim must be a multiple of 8, at most 256");
   if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0) argument_error("attention", "num_heads must be a multiple of num_kv_heads");
+  bool prefill = true;  // prefill tiles still to run, on the CUDA cores
+  if constexpr (std::is_same_v<CacheT, bf16>) {  // the f32 cache keeps f32 attention throughout
+    if (batch.num_prefill_tiles > 0 && head_dim % 16 == 0 && head_dim <= k_mma_max_head_dim) {
+      launch_prefill_mma(out, out_bf16, q, k_cache, v_cache, batch, num_heads, num_kv_heads, head_dim, stream);
+      prefill = false;
+    }
+  }
   const int nch = (head_dim + 31) / 32;
-  if (nch == 1) launch<1>(out, out_bf16, q, k_cache, v_cache, batch, num_heads, num_kv_heads, head_dim, stream);
-  else if (nch == 2) launch<2>(out, out_bf16, q, k_cache, v_cache, batch, num_heads, num_kv_heads, head_dim, stream);
-  else if (nch <= 4) launch<4>(out, out_bf16, q, k_cache, v_cache, batch, num_heads, num_kv_heads, head_dim, stream);
-  else launch<8>(out, out_bf16, q, k_cache, v_cache, batch, num_heads, num_kv_heads, head_dim, stream);
+  if (nch == 1) launch<1>(out, out_bf16, q, k_cache, v_cache, batch, num_heads, num_kv_heads, head_dim, prefill, stream);
+  else if (nch == 2) launch<2>(out, out_bf16, q, k_cache, v_cache, batch, num_heads, num_kv_heads, head_dim, prefill, stream);
+  else if (nch <= 4) launch<4>(out, out_bf16, q, k_cache, v_cache, batch, num_heads, num_kv_heads, head_dim, prefill, stream);
+  else launch<8>(out, out_bf16, q, k_cache, v_cache, batch, num_heads, num_kv_heads, head_dim, prefill, stream);
 }
 
 }  // namespace

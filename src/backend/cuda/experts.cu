@@ -3,6 +3,7 @@
 // Large passes: grouped GEMMs on the tensor cores (mma.sync m16n8k16, bf16 in, f32 accumulate) over
 // the expert-sorted pairs, SwiGLU fused into gate/up, routing weight and un-permute into down.
 #include "backend/cuda/gemv.cuh"
+#include "backend/cuda/mma.cuh"
 
 namespace moescope::cuda {
 namespace {
@@ -119,25 +120,6 @@ constexpr int k_bk = 32;                  // k per pipeline stage
 constexpr int k_lds = k_bk + 8;           // shared row pitch in bf16: 80 bytes, conflict-free fragment loads
 constexpr int k_gemm_threads = 128;       // 4 warps, 2 x 2, each 32 x 32 of the tile
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int bytes = valid ? 16 : 0;  // 0: zero-fill
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-// d += a * b for one 16x8x16 tile: a (row-major 16x16) in 4 registers, b (k-major 16x8) in 2.
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t lds32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 // GATED: hb[s, n] = silu(a[s] . gate[n]) * (a[s] . up[n]), a = xb rows gathered by token, n < inter.
 // else:  ffn_out[t, j, n] = topk_weights[pair] * (hb[s] . down[n]), n < hidden, pair = sorted_pairs[s].

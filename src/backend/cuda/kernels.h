@@ -115,6 +115,8 @@ struct AttentionBatch {
 // Causal GQA attention of every new token over its sequence's cached positions 0..pos (the new
 // tokens' k/v already written). q, out: [num_tokens, num_heads * head_dim] f32; out_bf16: same shape
 // (hi, and lo when given) or nullptr; k_cache, v_cache: [num_blocks * block_size, num_kv_heads * head_dim] bf16 or f32. head_dim <= 256.
+// With the bf16 cache and head_dim % 16 == 0, <= 128, prefill tiles run on the tensor cores, q and the
+// softmax weights rounded to bf16 for the products; everything else computes in f32.
 void attention(float* out, Bf16Pair out_bf16, const float* q, const bf16* k_cache, const bf16* v_cache,
                const AttentionBatch& batch, int num_heads, int num_kv_heads, int head_dim, cudaStream_t stream);
 void attention(float* out, Bf16Pair out_bf16, const float* q, const float* k_cache, const float* v_cache,
