@@ -261,12 +261,13 @@ TEST_F(CudaKernels, AlignGroupsPairsByExpertInPairOrder) {
       for (int p = 0; p < num_pairs; ++p)
         if (ids[p] == e) sorted.push_back(p);
       if (offsets[e + 1] > offsets[e]) active.push_back(e);
-      for (int r = offsets[e]; r < offsets[e + 1]; r += cuda::k_expert_tile_rows) {
+      for (int r = offsets[e]; r < offsets[e + 1]; r += cuda::expert_tile_rows(num_pairs, num_experts)) {
         tile_expert.push_back(e);
         tile_row.push_back(r);
       }
     }
-    ASSERT_LE(static_cast<int>(tile_expert.size()), cuda::max_expert_tiles(num_pairs, num_experts));
+    ASSERT_LE(static_cast<int>(tile_expert.size()),
+              cuda::max_expert_tiles(num_pairs, num_experts, cuda::expert_tile_rows(num_pairs, num_experts)));
 
     auto d_ids = to_device(ids);
     DeviceBuffer<int32_t> memory(static_cast<size_t>(cuda::expert_groups_ints(num_pairs, num_experts)));
@@ -496,20 +497,40 @@ TEST_F(CudaKernels, MoeBlockSmallPathMatchesCpuMoe) {
     check_moe(cs, MoePath::Small, rng);
 }
 
+// The grouped GEMMs' two configurations (cuda::expert_tile_rows): tiles of 64 rows when the pairs average
+// fewer than 48 per expert (decode batches), of 128 from there (prefill). Each list covers both, with
+// experts whose rows are no multiple of 16 (and, with 128-row tiles, experts of two tiles), inter and hidden
+// below or between multiples of the tile's columns (inter 32, 48, 96: 64 gate/up columns per tile; hidden 64,
+// 192: 128 down columns) and the k tiles (inter 48 against 64, 96 against 32), and the real shapes of
+// Qwen1.5-MoE-A2.7B (hidden 2048, 60 experts, inter 1408, top-4) at 64 and 512 tokens (64-row tiles) and
+// 2048 x 8 experts top-2 at 600 tokens (150 pairs per expert: 128-row tiles, two per expert).
+const std::vector<MoeCase>& large_path_cases() {
+  static const std::vector<MoeCase> cases = {
+      // 64-row tiles: 9, 50 pairs per expert on average
+      MoeCase{37, 64, 8, 2, 32, 96, false},
+      MoeCase{9, 128, 12, 3, 32, 0, true},
+      MoeCase{130, 2048, 16, 4, 1408, 5632, false},
+      MoeCase{100, 192, 6, 2, 48, 0, true},  // 33 pairs per expert
+      MoeCase{64, 2048, 60, 4, 1408, 0, true},
+      MoeCase{512, 2048, 60, 4, 1408, 0, true},
+      // 128-row tiles: 50, 150, 167 pairs per expert on average
+      MoeCase{200, 256, 16, 4, 48, 0, true},
+      MoeCase{600, 2048, 8, 2, 1408, 0, true},
+      MoeCase{500, 192, 6, 2, 96, 64, false},
+  };
+  return cases;
+}
+
 TEST_F(CudaKernels, MoeBlockLargePathMatchesCpuMoe) {
   std::mt19937 rng(8);
-  for (const MoeCase& cs : {MoeCase{37, 64, 8, 2, 32, 96, false}, MoeCase{200, 256, 16, 4, 48, 0, true},
-                           MoeCase{130, 2048, 16, 4, 1408, 5632, false}, MoeCase{9, 128, 12, 3, 32, 0, true}})
-    check_moe(cs, MoePath::Large, rng);
+  for (const MoeCase& cs : large_path_cases()) check_moe(cs, MoePath::Large, rng);
 }
 
 // --matmul-precision high: the same grouped GEMMs and cuBLAS products over hi + lo activation terms,
 // against the CPU on unrounded activations, 100x tighter than the bf16 path.
 TEST_F(CudaKernels, MoeBlockLargePathWithTwoTermsMatchesCpuMoe) {
   std::mt19937 rng(18);
-  for (const MoeCase& cs : {MoeCase{37, 64, 8, 2, 32, 96, false}, MoeCase{200, 256, 16, 4, 48, 0, true},
-                           MoeCase{130, 2048, 16, 4, 1408, 5632, false}})
-    check_moe(cs, MoePath::LargeHigh, rng);
+  for (const MoeCase& cs : large_path_cases()) check_moe(cs, MoePath::LargeHigh, rng);
 }
 
 TEST_F(CudaKernels, DenseMlpBothPathsMatchCpuMlp) {

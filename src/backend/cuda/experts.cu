@@ -113,142 +113,200 @@ __global__ void __launch_bounds__(k_small_warps * 32)
 }
 
 // ---- large passes: grouped GEMM on the tensor cores ----------------------------------------------------
+//
+// A CTA computes one row tile of align_by_expert (BM sorted rows of one expert) against 64 gate columns
+// and the 64 matching up columns (GATED) or 128 down columns. Warps are WARPS_M x 4; each owns 64 rows
+// (four m16 slices) by 32 columns (16 gate + 16 up, or 32 down). Operands go global -> shared with a
+// STAGES-deep cp.async pipeline (BK per stage, rows padded by 8 bf16 so that ldmatrix is conflict-free),
+// shared -> registers with ldmatrix.x4. Slices that hold no row of the tile are neither loaded nor
+// multiplied: a tile of 5 rows costs one m16 slice per warp, and its weights still stream once.
+// Two configurations (the host picks one from the pairs per expert, as align_by_expert does its tiles):
+//   few rows per expert (decode batches, bandwidth-bound): BM 64, 1 x 4 warps, BK 64, 4 stages (3 SPLIT);
+//   many rows per expert (prefill, compute-bound): BM 128, 2 x 4 warps, BK 32, 4 stages (3 SPLIT).
 
-constexpr int k_bm = k_expert_tile_rows;  // 64 sorted rows per tile
-constexpr int k_bn = 64;                  // output columns per tile
-constexpr int k_bk = 32;                  // k per pipeline stage
-constexpr int k_lds = k_bk + 8;           // shared row pitch in bf16: 80 bytes, conflict-free fragment loads
-constexpr int k_gemm_threads = 128;       // 4 warps, 2 x 2, each 32 x 32 of the tile
+template <bool GATED, bool SPLIT, int BM_, int WARPS_M_, int BK_, int STAGES_>
+struct GemmConfig {
+  static constexpr int BM = BM_, WARPS_M = WARPS_M_, WARPS_N = 4, BK = BK_, STAGES = STAGES_;
+  static constexpr int THREADS = 32 * WARPS_M * WARPS_N;
+  static constexpr int NB = GATED ? 2 : 1;      // weight matrices per CTA: gate and up, or down
+  static constexpr int NA = SPLIT ? 2 : 1;      // activation terms: hi (and lo)
+  static constexpr int BN = GATED ? 64 : 128;   // output columns per weight matrix
+  static constexpr int WM = BM / WARPS_M;       // rows per warp
+  static constexpr int MI = WM / 16;            // m16 slices per warp
+  static constexpr int WN = BN / WARPS_N;       // columns per warp and matrix
+  static constexpr int NI = WN / 8;             // n8 tiles per warp and matrix
+  static constexpr int BKP = BK + 8;            // shared row pitch in bf16 (16-byte multiple, conflict-free)
+  static constexpr int CPR = BK / 8;            // 16-byte chunks per row and stage
+  static constexpr int RPP = THREADS / CPR;     // rows one pass of the threads copies
+  static constexpr int A_ITERS = BM / RPP;
+  static constexpr int B_ITERS = NB * BN / RPP;
+  static constexpr int A_ELEMS = BM * BKP;                    // one activation term, one stage
+  static constexpr int STAGE_ELEMS = (NA * BM + NB * BN) * BKP;
+  static constexpr size_t SMEM_BYTES = static_cast<size_t>(STAGES) * STAGE_ELEMS * sizeof(bf16);
+  static_assert(WM == 64 && NI % 2 == 0 && BK % 16 == 0, "warp tile: 64 rows, pairs of n8 tiles");
+  static_assert(THREADS % CPR == 0 && BM % RPP == 0 && (NB * BN) % RPP == 0, "whole rows per copy pass");
+  static_assert(SMEM_BYTES <= 163 * 1024, "fits sm_80's shared memory per block");
+};
+
+template <bool GATED, bool SPLIT>
+using DecodeGemm = GemmConfig<GATED, SPLIT, 64, 1, 64, SPLIT ? 3 : 4>;
+template <bool GATED, bool SPLIT>
+using PrefillGemm = GemmConfig<GATED, SPLIT, 128, 2, 32, SPLIT ? 3 : 4>;
 
 
 // GATED: hb[s, n] = silu(a[s] . gate[n]) * (a[s] . up[n]), a = xb rows gathered by token, n < inter.
 // else:  ffn_out[t, j, n] = topk_weights[pair] * (hb[s] . down[n]), n < hidden, pair = sorted_pairs[s].
 // SPLIT: a is a_src.hi + a_src.lo, each term a product of its own into the same accumulators (and
-// hb.lo receives the output's lo term). grid (max tiles, ceil(N / 64)); tiles past *num_tiles exit.
-template <bool GATED, bool SPLIT>
-__global__ void __launch_bounds__(k_gemm_threads)
+// hb.lo receives the output's lo term). grid (max tiles, ceil(N / BN)); tiles past *num_tiles exit.
+// Dynamic shared memory: Cfg::SMEM_BYTES, per stage [NA][BM][BKP] activations then [NB * BN][BKP] weights.
+template <bool GATED, bool SPLIT, class Cfg>
+__global__ void __launch_bounds__(Cfg::THREADS)
     grouped_gemm_kernel(Bf16Pair hb, float* ffn_out, int num_slots, ConstBf16Pair a_src, const float* topk_weights,
                         ExpertWeights w, ExpertGroups groups, int hidden, int top_k) {
-  constexpr int NB = GATED ? 2 : 1;  // weight tiles per stage: gate and up, or down
-  constexpr int NA = SPLIT ? 2 : 1;  // activation terms: hi (and lo)
-  __shared__ __align__(16) bf16 as[2][NA][k_bm][k_lds];
-  __shared__ __align__(16) bf16 bs[2][NB][k_bn][k_lds];
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, BKP = Cfg::BKP, STAGES = Cfg::STAGES;
+  constexpr int NA = Cfg::NA, NB = Cfg::NB, MI = Cfg::MI, NI = Cfg::NI, CPR = Cfg::CPR, RPP = Cfg::RPP;
+  constexpr int A_ITERS = Cfg::A_ITERS, B_ITERS = Cfg::B_ITERS;
+  extern __shared__ __align__(16) unsigned char gemm_smem[];
+  bf16* const smem = reinterpret_cast<bf16*>(gemm_smem);
+
   const int tile = blockIdx.x;
   if (tile >= *groups.num_tiles) return;
   const int e = groups.tile_expert[tile], row0 = groups.tile_row[tile];
-  const int row_end = min(row0 + k_bm, groups.expert_offsets[e + 1]);
+  const int rows = min(BM, groups.expert_offsets[e + 1] - row0);  // sorted rows of this tile, 1..BM
   const int inter = w.inter;
   const int n_total = GATED ? inter : hidden, k_total = GATED ? hidden : inter;
-  const int n0 = blockIdx.y * k_bn;
+  const int n0 = blockIdx.y * BN;
   if (n0 >= n_total) return;
   const bf16* b_base = GATED ? w.gate_up + static_cast<int64_t>(e) * 2 * inter * hidden
                              : w.down + static_cast<int64_t>(e) * hidden * inter;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wm = warp >> 1, wn = warp & 1, g = lane >> 2, tq = lane & 3;
+  const int wm = warp / Cfg::WARPS_N, wn = warp % Cfg::WARPS_N, g = lane >> 2, tq = lane & 3;
+  // Rows copied: the whole m16 slices that hold a row of the tile (rows past `rows` in them zero-filled).
+  const int rows_loaded = (rows + 15) & ~15;
+  // This warp's m16 slices that hold rows (warp-uniform): the others are skipped.
+  const int warp_slices = min(MI, max(0, (rows - wm * Cfg::WM + 15) / 16));
 
-  // Each thread copies two 16-byte chunks of the A tile and two of each B tile per stage: chunk c =
-  // tid + 128 i covers row c / 4, columns (c % 4) * 8 .. + 8.
-  const bf16* a_row[2][NA];
-  bool a_ok[2];
-  const bf16* b_row[2][NB];
-  bool b_ok[2];
-  int chunk_row[2], chunk_col[2];
+  // Copies: thread tid moves 16-byte chunks at column (tid % CPR) * 8 of rows tid / CPR + RPP * i.
+  const int chunk_col = (tid % CPR) * 8, chunk_row = tid / CPR;
+  const bf16* a_ptr[A_ITERS][NA];
+  bool a_copy[A_ITERS], a_ok[A_ITERS];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int c = tid + i * k_gemm_threads;
-    chunk_row[i] = c >> 2;
-    chunk_col[i] = (c & 3) * 8;
-    const int s = row0 + chunk_row[i];
-    a_ok[i] = s < row_end;
-    const int64_t a_index = GATED ? (a_ok[i] ? groups.sorted_pairs[s] / top_k : 0) : (a_ok[i] ? s : 0);
-    a_row[i][0] = a_src.hi + a_index * k_total;
-    if constexpr (SPLIT) a_row[i][NA - 1] = a_src.lo + a_index * k_total;
-    const int n = n0 + chunk_row[i];
+  for (int i = 0; i < A_ITERS; ++i) {
+    const int r = chunk_row + i * RPP;
+    a_copy[i] = r < rows_loaded;
+    a_ok[i] = r < rows;
+    const int64_t a_index = a_ok[i] ? (GATED ? groups.sorted_pairs[row0 + r] / top_k : row0 + r) : 0;
+    a_ptr[i][0] = a_src.hi + a_index * k_total;
+    if constexpr (SPLIT) a_ptr[i][NA - 1] = a_src.lo + a_index * k_total;
+  }
+  const bf16* b_ptr[B_ITERS];
+  bool b_ok[B_ITERS];
+#pragma unroll
+  for (int i = 0; i < B_ITERS; ++i) {
+    const int r = chunk_row + i * RPP;  // row of the stage's weight tile: matrix r / BN, column r % BN
+    const int n = n0 + r % BN;
     b_ok[i] = n < n_total;
-    const int nn = b_ok[i] ? n : 0;
-    b_row[i][0] = b_base + static_cast<int64_t>(nn) * k_total;
-    if constexpr (GATED) b_row[i][NB - 1] = b_base + static_cast<int64_t>(inter + nn) * k_total;
+    b_ptr[i] = b_base + static_cast<int64_t>(b_ok[i] ? (r / BN) * inter + n : 0) * k_total;
   }
   auto load_stage = [&](int stage, int k0) {
+    bf16* const st = smem + stage * Cfg::STAGE_ELEMS;
+    const int k = k0 + chunk_col;
+    const bool k_ok = k < k_total;  // k_total % 8 == 0: a chunk is all in or all out
+    const int kc = k_ok ? k : 0;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int k = k0 + chunk_col[i];
-      const bool k_ok = k < k_total;  // k_total % 8 == 0: a chunk is all in or all out
+    for (int i = 0; i < A_ITERS; ++i) {
+      if (!a_copy[i]) continue;
+      const int at = (chunk_row + i * RPP) * BKP + chunk_col;
 #pragma unroll
       for (int term = 0; term < NA; ++term)
-        cp_async16(&as[stage][term][chunk_row[i]][chunk_col[i]], a_row[i][term] + (k_ok ? k : 0), a_ok[i] && k_ok);
-#pragma unroll
-      for (int m = 0; m < NB; ++m)
-        cp_async16(&bs[stage][m][chunk_row[i]][chunk_col[i]], b_row[i][m] + (k_ok ? k : 0), b_ok[i] && k_ok);
+        cp_async16(st + term * Cfg::A_ELEMS + at, a_ptr[i][term] + kc, a_ok[i] && k_ok);
     }
+#pragma unroll
+    for (int i = 0; i < B_ITERS; ++i)
+      cp_async16(st + NA * Cfg::A_ELEMS + (chunk_row + i * RPP) * BKP + chunk_col, b_ptr[i] + kc, b_ok[i] && k_ok);
   };
 
-  float acc[NB][2][4][4];
+  float acc[NB][MI][NI][4];
 #pragma unroll
   for (int m = 0; m < NB; ++m)
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
+    for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-      for (int ni = 0; ni < 4; ++ni)
+      for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
         for (int c = 0; c < 4; ++c) acc[m][mi][ni][c] = 0.0f;
 
-  const int num_k = (k_total + k_bk - 1) / k_bk;
-  load_stage(0, 0);
-  cp_async_commit();
+  // ldmatrix addresses within a stage. A (x4 = one m16 x k16 fragment): lane l gives row l % 16 of the
+  // slice at k + 8 (l / 16), so registers 0..3 are a0..a3 of mma's A (rows g / g+8, k 2tq / 8+2tq).
+  // B (x4 = two n8 x k16 fragments): lane l gives column (l % 8) + 8 (l / 16) at k + 8 ((l / 8) % 2), so
+  // registers 0, 1 are b0, b1 of the first n8 tile and 2, 3 those of the second.
+  const int a_lane = (wm * Cfg::WM + (lane & 15)) * BKP + ((lane >> 4) << 3);
+  const int b_lane = (wn * Cfg::WN + (lane & 7) + ((lane >> 4) << 3)) * BKP + (((lane >> 3) & 1) << 3);
+
+  // Pipeline: group i copies k tile i (empty groups past the end keep the count uniform). Before tile kt
+  // is read, wait until at most STAGES - 2 groups are pending: groups 0..kt are complete.
+  const int num_k = (k_total + BK - 1) / BK;
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < num_k) load_stage(s, s * BK);
+    cp_async_commit();
+  }
   for (int kt = 0; kt < num_k; ++kt) {
-    if (kt + 1 < num_k) {
-      load_stage((kt + 1) & 1, (kt + 1) * k_bk);
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // tile kt visible to all; every warp is done with the stage read at kt - 1
+    {
+      const int next = kt + STAGES - 1;  // into the stage read at kt - 1
+      if (next < num_k) load_stage(next % STAGES, next * BK);
       cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
     }
-    __syncthreads();
-    const int st = kt & 1;
+    if (warp_slices == 0) continue;
+    const bf16* const st = smem + (kt % STAGES) * Cfg::STAGE_ELEMS;
+    const bf16* const bs = st + NA * Cfg::A_ELEMS;
 #pragma unroll
-    for (int kk = 0; kk < k_bk; kk += 16) {
-      uint32_t af[NA][2][4];
-#pragma unroll
-      for (int term = 0; term < NA; ++term)
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi) {
-          const int r = wm * 32 + mi * 16 + g;
-          af[term][mi][0] = lds32(&as[st][term][r][kk + 2 * tq]);
-          af[term][mi][1] = lds32(&as[st][term][r + 8][kk + 2 * tq]);
-          af[term][mi][2] = lds32(&as[st][term][r][kk + 8 + 2 * tq]);
-          af[term][mi][3] = lds32(&as[st][term][r + 8][kk + 8 + 2 * tq]);
-        }
+    for (int kk = 0; kk < BK; kk += 16) {
+      uint32_t bf[NB][NI][2];
 #pragma unroll
       for (int m = 0; m < NB; ++m)
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni) {
-          const int c = wn * 32 + ni * 8 + g;
-          const uint32_t b0 = lds32(&bs[st][m][c][kk + 2 * tq]), b1 = lds32(&bs[st][m][c][kk + 8 + 2 * tq]);
+        for (int nj = 0; nj < NI / 2; ++nj)
+          ldmatrix_x4(bf[m][2 * nj][0], bf[m][2 * nj][1], bf[m][2 * nj + 1][0], bf[m][2 * nj + 1][1],
+                      bs + b_lane + (m * BN + nj * 16) * BKP + kk);
 #pragma unroll
-          for (int term = 0; term < NA; ++term)
+      for (int mi = 0; mi < MI; ++mi) {
+        if (mi >= warp_slices) break;
+        uint32_t af[NA][4];
 #pragma unroll
-            for (int mi = 0; mi < 2; ++mi) mma_bf16(acc[m][mi][ni], af[term][mi], b0, b1);
-        }
+        for (int term = 0; term < NA; ++term)
+          ldmatrix_x4(af[term][0], af[term][1], af[term][2], af[term][3],
+                      st + term * Cfg::A_ELEMS + a_lane + mi * 16 * BKP + kk);
+#pragma unroll
+        for (int m = 0; m < NB; ++m)
+#pragma unroll
+          for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+            for (int term = 0; term < NA; ++term) mma_bf16(acc[m][mi][ni], af[term], bf[m][ni][0], bf[m][ni][1]);
+      }
     }
-    __syncthreads();  // the stage just read is the next one loaded
   }
+  cp_async_wait<0>();  // only empty groups remain; nothing in flight at exit
 
-  // Epilogue. Accumulator c of tile (mi, ni): row wm*32 + mi*16 + g + 8*(c / 2), column wn*32 + ni*8 + 2*tq + c % 2.
+  // Epilogue. Accumulator c of (mi, ni): row wm*WM + mi*16 + g + 8*(c / 2), column wn*WN + ni*8 + 2*tq + c % 2.
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
+  for (int mi = 0; mi < MI; ++mi) {
+    if (mi >= warp_slices) break;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int s = row0 + wm * 32 + mi * 16 + g + 8 * half;
-      if (s >= row_end) continue;
+      const int r = wm * Cfg::WM + mi * 16 + g + 8 * half;
+      if (r >= rows) continue;
+      const int s = row0 + r;
       if constexpr (GATED) {
         const int64_t out = static_cast<int64_t>(s) * inter;
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
+        for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
-            const int n = n0 + wn * 32 + ni * 8 + 2 * tq + c;
+            const int n = n0 + wn * Cfg::WN + ni * 8 + 2 * tq + c;
             if (n < inter) store_bf16(hb, out + n, silu(acc[0][mi][ni][2 * half + c]) * acc[NB - 1][mi][ni][2 * half + c]);
           }
       } else {
@@ -257,15 +315,48 @@ __global__ void __launch_bounds__(k_gemm_threads)
         const float weight = topk_weights[pair];
         float* out = ffn_out + (static_cast<int64_t>(t) * num_slots + j) * hidden;
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
+        for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
-            const int n = n0 + wn * 32 + ni * 8 + 2 * tq + c;
+            const int n = n0 + wn * Cfg::WN + ni * 8 + 2 * tq + c;
             if (n < hidden) out[n] = weight * acc[0][mi][ni][2 * half + c];
           }
       }
     }
+  }
 }
+
+// Launches one configuration, its dynamic shared memory limit raised first (as the attention kernels do:
+// per launch, so that it holds on whichever device is current).
+template <bool GATED, bool SPLIT, class Cfg>
+void launch_grouped_gemm(int max_tiles, int n_total, cudaStream_t stream, Bf16Pair hb, float* ffn_out, int num_slots,
+                         ConstBf16Pair a_src, const float* topk_weights, const ExpertWeights& w,
+                         const ExpertGroups& groups, int hidden, int top_k) {
+  CUDA_CHECK(cudaFuncSetAttribute(grouped_gemm_kernel<GATED, SPLIT, Cfg>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(Cfg::SMEM_BYTES)));
+  const dim3 grid(max_tiles, ceil_div(n_total, Cfg::BN));
+  grouped_gemm_kernel<GATED, SPLIT, Cfg><<<grid, Cfg::THREADS, Cfg::SMEM_BYTES, stream>>>(
+      hb, ffn_out, num_slots, a_src, topk_weights, w, groups, hidden, top_k);
+  CUDA_CHECK_LAUNCH();
+}
+
+// The configuration for tiles of `tile_rows` (expert_tile_rows: 64 or 128).
+template <bool GATED, bool SPLIT>
+void dispatch_grouped_gemm(int num_pairs, int num_experts, int n_total, cudaStream_t stream, Bf16Pair hb,
+                           float* ffn_out, int num_slots, ConstBf16Pair a_src, const float* topk_weights,
+                           const ExpertWeights& w, const ExpertGroups& groups, int hidden, int top_k) {
+  const int tile_rows = expert_tile_rows(num_pairs, num_experts);
+  const int max_tiles = max_expert_tiles(num_pairs, num_experts, tile_rows);
+  if (tile_rows == PrefillGemm<GATED, SPLIT>::BM)
+    launch_grouped_gemm<GATED, SPLIT, PrefillGemm<GATED, SPLIT>>(max_tiles, n_total, stream, hb, ffn_out, num_slots,
+                                                                 a_src, topk_weights, w, groups, hidden, top_k);
+  else
+    launch_grouped_gemm<GATED, SPLIT, DecodeGemm<GATED, SPLIT>>(max_tiles, n_total, stream, hb, ffn_out, num_slots,
+                                                                a_src, topk_weights, w, groups, hidden, top_k);
+}
+
+static_assert(DecodeGemm<true, false>::BM == k_expert_tile_rows, "the decode tiles are align_by_expert's small tiles");
+static_assert(PrefillGemm<true, false>::BM == k_expert_tile_rows_large, "the prefill tiles are its large ones");
 
 }  // namespace
 
@@ -315,12 +406,12 @@ void experts_gate_up_grouped(Bf16Pair hb, ConstBf16Pair xb, const ExpertWeights&
   if (hidden % 8 != 0) argument_error("experts_gate_up_grouped", "hidden must be a multiple of 8");
   if ((xb.lo == nullptr) != (hb.lo == nullptr))
     argument_error("experts_gate_up_grouped", "the input and the output have a lo term together or not at all");
-  const dim3 grid(max_expert_tiles(num_pairs, num_experts), ceil_div(w.inter, k_bn));
   if (xb.lo != nullptr)
-    grouped_gemm_kernel<true, true><<<grid, k_gemm_threads, 0, stream>>>(hb, nullptr, 0, xb, nullptr, w, groups, hidden, top_k);
+    dispatch_grouped_gemm<true, true>(num_pairs, num_experts, w.inter, stream, hb, nullptr, 0, xb, nullptr, w, groups,
+                                      hidden, top_k);
   else
-    grouped_gemm_kernel<true, false><<<grid, k_gemm_threads, 0, stream>>>(hb, nullptr, 0, xb, nullptr, w, groups, hidden, top_k);
-  CUDA_CHECK_LAUNCH();
+    dispatch_grouped_gemm<true, false>(num_pairs, num_experts, w.inter, stream, hb, nullptr, 0, xb, nullptr, w, groups,
+                                       hidden, top_k);
 }
 
 void experts_down_grouped(float* ffn_out, int num_slots, ConstBf16Pair hb, const float* topk_weights,
@@ -329,14 +420,12 @@ void experts_down_grouped(float* ffn_out, int num_slots, ConstBf16Pair hb, const
   const int num_pairs = num_tokens * top_k;
   if (num_pairs == 0 || num_experts == 0) return;
   if (w.inter % 8 != 0) argument_error("experts_down_grouped", "the expert intermediate size must be a multiple of 8");
-  const dim3 grid(max_expert_tiles(num_pairs, num_experts), ceil_div(hidden, k_bn));
   if (hb.lo != nullptr)
-    grouped_gemm_kernel<false, true><<<grid, k_gemm_threads, 0, stream>>>(nullptr, ffn_out, num_slots, hb, topk_weights,
-                                                                          w, groups, hidden, top_k);
+    dispatch_grouped_gemm<false, true>(num_pairs, num_experts, hidden, stream, nullptr, ffn_out, num_slots, hb,
+                                       topk_weights, w, groups, hidden, top_k);
   else
-    grouped_gemm_kernel<false, false><<<grid, k_gemm_threads, 0, stream>>>(nullptr, ffn_out, num_slots, hb, topk_weights,
-                                                                           w, groups, hidden, top_k);
-  CUDA_CHECK_LAUNCH();
+    dispatch_grouped_gemm<false, false>(num_pairs, num_experts, hidden, stream, nullptr, ffn_out, num_slots, hb,
+                                        topk_weights, w, groups, hidden, top_k);
 }
 
 }  // namespace moescope::cuda

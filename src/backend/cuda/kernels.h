@@ -154,10 +154,19 @@ struct ExpertGroups {
   int32_t* tile_row = nullptr;        // [max_expert_tiles] ... and first sorted row
   int32_t* num_tiles = nullptr;       // [1]
 };
+// Sorted rows per tile: few pairs per expert (decode batches) take tiles of 64 rows, many (prefill) tiles
+// of 128, each for a grouped-GEMM configuration of its own. align_by_expert and the grouped GEMMs pick
+// the same size from the same (num_pairs, num_experts).
 constexpr int k_expert_tile_rows = 64;
-// Upper bound on the grouped GEMM's row tiles (the host sizes grids with it; unused tiles exit).
-inline int max_expert_tiles(int num_pairs, int num_experts) {
-  return num_pairs / k_expert_tile_rows + (num_pairs < num_experts ? num_pairs : num_experts);
+constexpr int k_expert_tile_rows_large = 128;
+constexpr int k_expert_large_tiles_from = 48;  // pairs per expert on average
+inline int expert_tile_rows(int num_pairs, int num_experts) {
+  return num_pairs >= k_expert_large_tiles_from * num_experts ? k_expert_tile_rows_large : k_expert_tile_rows;
+}
+// Upper bound on the grouped GEMM's row tiles of tile_rows each (the host sizes grids with it; unused
+// tiles exit). The default, the smaller tiles, bounds both sizes (the ExpertGroups arrays use it).
+inline int max_expert_tiles(int num_pairs, int num_experts, int tile_rows = k_expert_tile_rows) {
+  return num_pairs / tile_rows + (num_pairs < num_experts ? num_pairs : num_experts);
 }
 // Ints of device memory an ExpertGroups needs (carve_expert_groups lays them out).
 int64_t expert_groups_ints(int num_pairs, int num_experts);

@@ -35,12 +35,13 @@ __device__ __forceinline__ uint32_t lds32(const bf16* p) { return *reinterpret_c
 // bytes, 16-byte aligned), and register i receives matrix i in the layout of a C fragment's half:
 // lane (g, tq) gets M_i[g][2tq, 2tq+1]. With .trans it gets M_i[2tq][g], M_i[2tq+1][g] instead, which
 // turns a [k][n] row-major tile into the k-major B fragment.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
+__device__ __forceinline__ void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, const bf16* p) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
                : "r"(s));
 }
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) { ldmatrix_x4(r[0], r[1], r[2], r[3], p); }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* p) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"

@@ -117,9 +117,9 @@ __global__ void __launch_bounds__(1024)
 }
 
 // One block. Counts pairs per expert, lays out the offsets, the active experts and the grouped GEMM's
-// row tiles, then places every pair at its expert's slot, in pair order (a ballot per 32 pairs).
-// topk_ids: [num_pairs]. Dynamic shared memory: counts [E] and offsets [E + 1].
-__global__ void align_kernel(ExpertGroups g, const int32_t* topk_ids, int num_pairs, int num_experts) {
+// row tiles (tile_rows sorted rows each), then places every pair at its expert's slot, in pair order (a
+// ballot per 32 pairs). topk_ids: [num_pairs]. Dynamic shared memory: counts [E] and offsets [E + 1].
+__global__ void align_kernel(ExpertGroups g, const int32_t* topk_ids, int num_pairs, int num_experts, int tile_rows) {
   extern __shared__ int32_t counts[];
   int32_t* offsets = counts + num_experts;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, num_warps = blockDim.x / 32;
@@ -134,7 +134,7 @@ __global__ void align_kernel(ExpertGroups g, const int32_t* topk_ids, int num_pa
       offsets[e + 1] = offsets[e] + counts[e];
       if (counts[e] == 0) continue;
       g.active_experts[num_active++] = e;
-      for (int r = offsets[e]; r < offsets[e + 1]; r += k_expert_tile_rows) {
+      for (int r = offsets[e]; r < offsets[e + 1]; r += tile_rows) {
         g.tile_expert[num_tiles] = e;
         g.tile_row[num_tiles] = r;
         ++num_tiles;
@@ -196,7 +196,8 @@ bool router_topk(int32_t* topk_ids, float* topk_weights, float* shared_gate, con
 void align_by_expert(const ExpertGroups& groups, const int32_t* topk_ids, int num_pairs, int num_experts,
                      cudaStream_t stream) {
   const size_t smem = (2 * static_cast<size_t>(num_experts) + 1) * sizeof(int32_t);
-  align_kernel<<<1, 1024, smem, stream>>>(groups, topk_ids, num_pairs, num_experts);
+  align_kernel<<<1, 1024, smem, stream>>>(groups, topk_ids, num_pairs, num_experts,
+                                          expert_tile_rows(num_pairs, num_experts));
   CUDA_CHECK_LAUNCH();
 }
 
