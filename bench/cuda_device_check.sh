@@ -42,16 +42,21 @@ step make_model 200 build-cuda/moescope make-model --arch qwen2_moe --preset qwe
 # transformers on the same checkpoint: the float32 reference (reference.json), then its bf16 generate throughput
 # at batch 1 and 8 (hf_throughput.json); about 4 minutes, the checkpoint still in the page cache.
 step hf_side_by_side 420 python3 tools/hf_side_by_side.py --model "$model" --out "$out/hf"
-step real_size 300 env MOESCOPE_REAL_SIZE_MODEL="$model" MOESCOPE_REAL_SIZE_REFERENCE="$out/hf/reference.json" \
+# REFERENCE=PATH: a reference.json that hf_side_by_side.py wrote for this checkpoint in an earlier run
+# (make-model is deterministic for a seed), so that a run without the hf_side_by_side step can still compare.
+step real_size 300 env MOESCOPE_REAL_SIZE_MODEL="$model" MOESCOPE_REAL_SIZE_REFERENCE="${REFERENCE:-$out/hf/reference.json}" \
   build-cuda/tests/cuda_real_size_test
 step bench 330 build-cuda/moescope bench "$model" --device cuda --batch 1,8,64,256 --repeats 3 --prefill 1x2048,16x512 \
   --recording-overhead --overhead-rounds 5 --overhead-prompts 16 --overhead-max-tokens 64 --json "$out/bench.json"
 # --matmul-precision high (two bf16 terms per activation, the f32 KV cache): what the exact routes cost.
 step bench_high 150 build-cuda/moescope bench "$model" --device cuda --batch 1,64 --repeats 3 --prefill 1x2048,16x512 \
   --matmul-precision high
+# Programmatic dependent launch off (MOESCOPE_CUDA_PDL=0): what it brings, in the same session.
+step bench_nopdl 120 env MOESCOPE_CUDA_PDL=0 build-cuda/moescope bench "$model" --device cuda --batch 1,64 --repeats 3 \
+  --prefill 1x2048
 step bench_eager 120 build-cuda/moescope bench "$model" --device cuda --batch 1,64 --repeats 2 --enforce-eager
-step profile 120 env MOESCOPE_CUDA_PROFILE=1 build-cuda/moescope bench "$model" --device cuda --batch 1,64 --repeats 1 \
-  --decode-tokens 8 --prefill-tokens 2048
+step profile 120 env MOESCOPE_CUDA_PROFILE=1 build-cuda/moescope bench "$model" --device cuda --batch 1,64,256 --repeats 1 \
+  --decode-tokens 8 --prefill 1x2048
 # The README's demo on the GPU: the shipped model, generation with the routing log and the per-pass JSONL,
 # the report, then the server with the recorder driven over HTTP.
 step demo_gpu 120 env MOESCOPE_DEMO_BINARY=build-cuda/moescope MOESCOPE_DEMO_OUT=/tmp/moescope-demo-gpu bash scripts/demo.sh
@@ -60,10 +65,10 @@ echo "== kernel tests"; grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|error:|Ex
 echo "== backend tests"; grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|error:|Expected|Which is|actual|near-tie|bit for bit" "$out/backend.log" 2>/dev/null | cut -c1-220 | head -60
 echo "== transformers side by side"; grep -E "SUMMARY|FAILED|SKIPPED|OUT OF GPU MEMORY|WARNING|Error" "$out/hf_side_by_side.log" 2>/dev/null | cut -c1-240 | head -30
 echo "== real size vs transformers"; grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|real size|Expected|Which is|actual|Skipped" "$out/real_size.log" 2>/dev/null | cut -c1-300 | head -60
-for b in bench bench_high bench_eager; do echo "== $b"; grep -vE "^(command|moescope bench)" "$out/$b.log" 2>/dev/null | tail -30; done
+for b in bench bench_high bench_nopdl bench_eager; do echo "== $b"; grep -vE "^(command|moescope bench)" "$out/$b.log" 2>/dev/null | tail -30; done
 echo "== demo on the GPU"; grep -E "on cuda|demo:|== |exit" "$out/demo_gpu.log" 2>/dev/null | head -20
 echo "== decode and prefill tok/s, moescope (bench.json: 32 steps after a 128-token prompt) beside transformers (hf_throughput.json: generate, 127 steps after a 128-token prompt)"
-python3 - "$out/bench.json" "$out/hf/hf_throughput.json" <<'PY' 2>&1 | head -12
+python3 - "$out/bench.json" "$(dirname "${REFERENCE:-$out/hf/reference.json}")/hf_throughput.json" <<'PY' 2>&1 | head -12
 import json, sys
 def load(path):
     try:

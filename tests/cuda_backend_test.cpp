@@ -355,14 +355,24 @@ TEST_F(CudaBackendTest, MixedBatchOfPrefillsAndDecodesEqualsEachSequenceAlone) {
 }
 
 // Decode passes replayed from CUDA graphs give the eager launches' logits and routes bit for bit, at a
-// batch on the small path (2 sequences) and one on the large path (12: cuBLAS inside the graph).
+// batch on the small path (2 sequences) and one on the large path (12: cuBLAS inside the graph). So do
+// graphs whose kernels are launched plainly, without programmatic dependent launch (on an sm_90 GPU the
+// other two use it): a kernel that read or wrote an activation before waiting for the previous one would
+// show here as a difference.
 TEST_F(CudaBackendTest, DecodeGraphsGiveTheEagerResultsBitForBit) {
   Json reference;
   const auto weights = load_fixture("qwen2_moe_gqa_shared", &reference);
   ASSERT_TRUE(weights);
   cuda::CudaBackendOptions graph_options = small_options(8), eager_options = small_options(8);
   eager_options.cuda_graphs = false;
-  cuda::CudaBackend graphs(weights, graph_options), eager(weights, eager_options);
+  cuda::CudaBackend graphs(weights, graph_options), eager(weights, eager_options), plain(weights, graph_options);
+  const bool programmatic = cuda::programmatic_launch();  // as the backends set it for this GPU
+  std::printf("  programmatic dependent launch: %s\n", programmatic ? "on" : "off (GPU before sm_90 or MOESCOPE_CUDA_PDL=0)");
+  auto plain_forward = [&](const Batch& batch, RoutingSink* sink, std::vector<float>& logits) {
+    cuda::set_programmatic_launch(false);
+    plain.forward(batch, sink, logits);
+    cuda::set_programmatic_launch(programmatic);
+  };
   const auto base = reference["prompts"][1]["prompt_ids"].get<std::vector<int32_t>>();
   for (const int batch_size : {2, 12}) {
     std::vector<std::vector<int32_t>> prompts;
@@ -371,43 +381,53 @@ TEST_F(CudaBackendTest, DecodeGraphsGiveTheEagerResultsBitForBit) {
       prompts.back().resize(base.size() - static_cast<size_t>(b % 5));  // different lengths
       prompts.back()[0] = static_cast<int32_t>(3 + b);
     }
-    std::vector<int> cache_g, cache_e;
-    Batch prefill_g, prefill_e;
+    std::vector<int> cache_g, cache_e, cache_p;
+    Batch prefill_g, prefill_e, prefill_p;
     for (int b = 0; b < batch_size; ++b) {
       cache_g.push_back(graphs.create_cache());
       cache_e.push_back(eager.create_cache());
+      cache_p.push_back(plain.create_cache());
       prefill_g.sequences.push_back({cache_g.back(), 0, prompts[b], fmt::format("s{}", b)});
       prefill_e.sequences.push_back({cache_e.back(), 0, prompts[b], fmt::format("s{}", b)});
+      prefill_p.sequences.push_back({cache_p.back(), 0, prompts[b], fmt::format("s{}", b)});
     }
-    std::vector<float> logits_g, logits_e;
+    std::vector<float> logits_g, logits_e, logits_p;
     graphs.forward(prefill_g, nullptr, logits_g);
     eager.forward(prefill_e, nullptr, logits_e);
+    plain_forward(prefill_p, nullptr, logits_p);
     ASSERT_EQ(logits_g, logits_e);
+    ASSERT_EQ(logits_p, logits_e) << "prefill launched plainly";
     std::vector<int32_t> next(batch_size);
     std::vector<int32_t> pos(batch_size);
     for (int b = 0; b < batch_size; ++b) pos[b] = static_cast<int32_t>(prompts[b].size());
     for (int step = 0; step < 6; ++step) {
-      Batch dg, de;
+      Batch dg, de, dp;
       for (int b = 0; b < batch_size; ++b) {
         next[b] = argmax(std::span<const float>(logits_e.data() + static_cast<size_t>(b) * weights->config.vocab_size,
                                                 weights->config.vocab_size));
         dg.sequences.push_back({cache_g[b], pos[b], std::span<const int32_t>(&next[b], 1), fmt::format("s{}", b)});
         de.sequences.push_back({cache_e[b], pos[b], std::span<const int32_t>(&next[b], 1), fmt::format("s{}", b)});
+        dp.sequences.push_back({cache_p[b], pos[b], std::span<const int32_t>(&next[b], 1), fmt::format("s{}", b)});
         ++pos[b];
       }
-      test::CaptureSink sink_g, sink_e;
+      test::CaptureSink sink_g, sink_e, sink_p;
       graphs.forward(dg, &sink_g, logits_g);
       eager.forward(de, &sink_e, logits_e);
+      plain_forward(dp, &sink_p, logits_p);
       ASSERT_EQ(logits_g, logits_e) << "batch " << batch_size << " decode step " << step;
+      ASSERT_EQ(logits_p, logits_e) << "batch " << batch_size << " decode step " << step << ", graphs launched plainly";
       for (const auto& [layer, routes] : sink_e.routes) {
         EXPECT_EQ(sink_g.routes[layer].ids, routes.ids) << "layer " << layer;
         EXPECT_EQ(sink_g.routes[layer].weights, routes.weights) << "layer " << layer;
+        EXPECT_EQ(sink_p.routes[layer].ids, routes.ids) << "layer " << layer << ", launched plainly";
       }
     }
-    std::printf("  batch %d: 6 decode steps from graphs equal the eager launches bit for bit\n", batch_size);
+    std::printf("  batch %d: 6 decode steps from graphs (with and without programmatic launch) equal the eager "
+                "launches bit for bit\n", batch_size);
     for (int b = 0; b < batch_size; ++b) {
       graphs.free_cache(cache_g[b]);
       eager.free_cache(cache_e[b]);
+      plain.free_cache(cache_p[b]);
     }
   }
 }
@@ -476,6 +496,20 @@ TEST_F(CudaBackendTest, UnknownStageInTheTimingDiagnosticIsAClearError) {
     EXPECT_NE(std::string(e.what()).find("unknown stage 'bogus'"), std::string::npos) << e.what();
   }
   ::unsetenv("MOESCOPE_CUDA_TWICE");
+}
+
+TEST_F(CudaBackendTest, BadProgrammaticLaunchSwitchIsAClearError) {
+  Json reference;
+  const auto weights = load_fixture("qwen2_moe_gqa_shared", &reference);
+  ASSERT_TRUE(weights);
+  ::setenv("MOESCOPE_CUDA_PDL", "yes", 1);
+  try {
+    cuda::CudaBackend gpu(weights, small_options(8));
+    ADD_FAILURE() << "MOESCOPE_CUDA_PDL=yes was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("MOESCOPE_CUDA_PDL=yes: expected 0 or 1"), std::string::npos) << e.what();
+  }
+  ::unsetenv("MOESCOPE_CUDA_PDL");
 }
 
 TEST_F(CudaBackendTest, KvCacheFullIsAClearErrorAndFreedBlocksAreReused) {

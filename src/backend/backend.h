@@ -32,9 +32,11 @@ PassInfo make_pass_info(const Batch& batch);
 
 // The KV cache a backend holds: blocks of block_size tokens, a sequence of n tokens taking ceil(n /
 // block_size) of them. blocks == 0: the cache grows on demand (the CPU backend, in host memory).
+// element_bytes: one cached key or value element (2: bf16, 4: f32; 0: not said).
 struct KvCapacity {
   int64_t blocks = 0;
   int block_size = 0;
+  int element_bytes = 0;
 };
 
 class Backend {

@@ -193,8 +193,14 @@ Json bench_model(const std::filesystem::path& dir, const std::string& label, con
   result["prefill"] = prefills;
 
   // Decode: batch_size sequences, each after a prompt of prompt_tokens, decode_tokens greedy steps.
-  fmt::print("{:>6} {:>12} {:>22} {:>14} {:>14} {:>8}\n", "batch", "decode tok/s", "(min, max)", "weight MB/step",
-             "floor tok/s", "ratio");
+  // The bytes a decode step must read: the weights its routes touch (every dense matrix, the embedding
+  // rows of the batch, each distinct expert chosen in a layer), and every sequence's cached keys and values
+  // of every layer up to its new position.
+  const int kv_element_bytes = backend->kv_capacity().element_bytes;
+  const double kv_bytes_per_position =
+      2.0 * c.kv_size() * (kv_element_bytes > 0 ? kv_element_bytes : 4) * c.num_hidden_layers;
+  fmt::print("{:>6} {:>12} {:>22} {:>14} {:>10} {:>14} {:>8}\n", "batch", "decode tok/s", "(min, max)", "weight MB/step",
+             "KV MB/step", "floor tok/s", "ratio");
   uint64_t checksum = 0xcbf29ce484222325ull;
   Json decode = Json::array();
   for (int batch_size : a.batch_sizes) {
@@ -202,7 +208,7 @@ Json bench_model(const std::filesystem::path& dir, const std::string& label, con
     for (int b = 0; b < batch_size; ++b) prompts.push_back(random_prompt());
     std::vector<double> rates;
     std::vector<int32_t> first_ids;
-    double bytes_per_step = 0.0;
+    double bytes_per_step = 0.0, kv_bytes_per_step = 0.0;
     bool deterministic = true;
     for (int r = 0; r < a.repeats; ++r) {
       Batch prefill;
@@ -232,17 +238,21 @@ Json bench_model(const std::filesystem::path& dir, const std::string& label, con
       rates.push_back(static_cast<double>(batch_size) * a.decode_tokens / seconds);
       bytes_per_step = static_cast<double>(dense_bytes + static_cast<size_t>(batch_size) * c.hidden_size * dsize) +
                        static_cast<double>(sink.bytes) / a.decode_tokens;
+      // Step s reads positions 0 .. prompt + s of each sequence: prompt + (steps + 1) / 2 on average.
+      kv_bytes_per_step = batch_size * (a.prompt_tokens + (a.decode_tokens + 1) / 2.0) * kv_bytes_per_position;
       if (r == 0) first_ids = ids;
       deterministic &= ids == first_ids;
     }
     checksum = fnv1a(first_ids, checksum);
     const Spread s = spread(rates);
-    const double floor_tok_s = batch_size / (bytes_per_step / (bandwidth_gb_s * 1e9));
-    fmt::print("{:>6} {:>12.1f} {:>22} {:>14.2f} {:>14.1f} {:>8.2f}{}\n", batch_size, s.median,
-               fmt::format("({:.1f}, {:.1f})", s.min, s.max), bytes_per_step / 1e6, floor_tok_s, s.median / floor_tok_s,
+    const double floor_tok_s = batch_size / ((bytes_per_step + kv_bytes_per_step) / (bandwidth_gb_s * 1e9));
+    fmt::print("{:>6} {:>12.1f} {:>22} {:>14.2f} {:>10.2f} {:>14.1f} {:>8.2f}{}\n", batch_size, s.median,
+               fmt::format("({:.1f}, {:.1f})", s.min, s.max), bytes_per_step / 1e6, kv_bytes_per_step / 1e6, floor_tok_s,
+               s.median / floor_tok_s,
                deterministic ? "" : "  NONDETERMINISTIC");
     decode.push_back({{"batch_size", batch_size}, {"tokens_per_s_median", s.median}, {"min", s.min}, {"max", s.max},
-                      {"weight_bytes_per_step", bytes_per_step}, {"floor_tokens_per_s", floor_tok_s},
+                      {"weight_bytes_per_step", bytes_per_step}, {"kv_cache_bytes_per_step", kv_bytes_per_step},
+                      {"floor_tokens_per_s", floor_tok_s},
                       {"ratio_to_floor", s.median / floor_tok_s}, {"deterministic", deterministic}});
   }
   fmt::print("checksum of generated ids: {:016x}\n", checksum);

@@ -21,6 +21,7 @@ class CpuBackend final : public Backend {
   explicit CpuBackend(std::shared_ptr<const ModelWeights> weights);
   const ModelConfig& config() const override { return weights_->config; }
   int create_cache() override;
+  KvCapacity kv_capacity() const override { return {0, 0, 4}; }  // grows on demand, f32
   void free_cache(int cache_id) override;
   void forward(const Batch& batch, RoutingSink* sink, std::vector<float>& logits) override;
 

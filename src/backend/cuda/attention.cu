@@ -24,7 +24,7 @@ constexpr int k_value_chunk = 16;  // decode: positions whose values are loaded 
 
 // Eight consecutive cached values (16 bytes of bf16, or 32 of f32) as floats.
 __device__ __forceinline__ void load8(const bf16* at, float out[8]) {
-  const uint4 w = __ldg(reinterpret_cast<const uint4*>(at));
+  const uint4 w = __ldcg(reinterpret_cast<const uint4*>(at));
   const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -33,11 +33,24 @@ __device__ __forceinline__ void load8(const bf16* at, float out[8]) {
   }
 }
 __device__ __forceinline__ void load8(const float* at, float out[8]) {
-  const float4 a = __ldg(reinterpret_cast<const float4*>(at)), b = __ldg(reinterpret_cast<const float4*>(at) + 1);
+  const float4 a = __ldcg(reinterpret_cast<const float4*>(at)), b = __ldcg(reinterpret_cast<const float4*>(at) + 1);
   out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
 }
 __device__ __forceinline__ float load1(const bf16* at) { return bf16_to_float(*at); }
 __device__ __forceinline__ float load1(const float* at) { return *at; }
+
+// 16 bytes of cached values as floats: 8 bf16 or 4 f32.
+__device__ __forceinline__ void unpack16(uint4 w, float (&out)[8]) {
+  const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = bf16_lo(ws[i]);
+    out[2 * i + 1] = bf16_hi(ws[i]);
+  }
+}
+__device__ __forceinline__ void unpack16(uint4 w, float (&out)[4]) {
+  out[0] = __uint_as_float(w.x), out[1] = __uint_as_float(w.y), out[2] = __uint_as_float(w.z), out[3] = __uint_as_float(w.w);
+}
 
 __device__ __forceinline__ int64_t cache_row(const int32_t* block_table, int block_size, int pos) {
   return static_cast<int64_t>(block_table[pos / block_size]) * block_size + pos % block_size;
@@ -50,6 +63,7 @@ __global__ void __launch_bounds__(k_threads)
     attention_prefill_kernel(float* out, Bf16Pair out_bf16, const float* q, const CacheT* k_cache, const CacheT* v_cache,
                              AttentionBatch b, int num_heads, int num_kv_heads, int hd, float scale) {
   extern __shared__ float smem[];
+  wait_for_previous_kernel();
   float* qs = smem;
   float* ks = qs + k_prefill_tile_rows * hd;
   float* vs = ks + k_key_block * (hd + 1);
@@ -146,6 +160,7 @@ __global__ void __launch_bounds__(k_threads)
                             AttentionBatch b, int num_heads, int num_kv_heads, int hd, float scale) {
   __shared__ __align__(16) float qs[k_max_head_dim];
   __shared__ float part_m[k_warps], part_l[k_warps], part_acc[k_warps][k_max_head_dim];
+  wait_for_previous_kernel();
   const int row = b.decode_rows[blockIdx.x];
   const int seq = b.token_seq[row], pos = b.token_pos[row];
   const int h = blockIdx.y, kvh = h / (num_heads / num_kv_heads);
@@ -169,7 +184,7 @@ __global__ void __launch_bounds__(k_threads)
         const uint4* kr = reinterpret_cast<const uint4*>(k_cache + at);
         uint4 kv[4 * NCH];  // the whole key row (head_dim % 8 == 0, <= 32 * NCH): every load in flight
 #pragma unroll
-        for (int v = 0; v < 4 * NCH; ++v) kv[v] = v < hd / 8 ? __ldg(kr + v) : make_uint4(0, 0, 0, 0);
+        for (int v = 0; v < 4 * NCH; ++v) kv[v] = v < hd / 8 ? __ldcg(kr + v) : make_uint4(0, 0, 0, 0);
 #pragma unroll
         for (int v = 0; v < 4 * NCH; ++v)
           if (v < hd / 8)
@@ -178,7 +193,7 @@ __global__ void __launch_bounds__(k_threads)
         const float4* kr = reinterpret_cast<const float4*>(k_cache + at);
         float4 kv[8 * NCH];
 #pragma unroll
-        for (int v = 0; v < 8 * NCH; ++v) kv[v] = v < hd / 4 ? __ldg(kr + v) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (int v = 0; v < 8 * NCH; ++v) kv[v] = v < hd / 4 ? __ldcg(kr + v) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
         for (int v = 0; v < 8 * NCH; ++v)
           if (v < hd / 4) {
@@ -271,6 +286,7 @@ __global__ void __launch_bounds__(k_mma_threads)
   const int pitch = hd + 8, stage_elems = k_mma_keys * pitch;
   bf16* const ks = reinterpret_cast<bf16*>(kv_smem);  // [2][64][pitch]
   bf16* const vs = ks + 2 * stage_elems;              // [2][64][pitch]
+  wait_for_previous_kernel();
 
   // A prompt's tiles come in position order and its last tiles see the most keys: starting those first
   // shortens the grid's tail.
@@ -319,12 +335,12 @@ __global__ void __launch_bounds__(k_mma_threads)
       const bool in = 16 * kk < hd;
       float2 a0 = make_float2(0.0f, 0.0f), a1 = a0, a2 = a0, a3 = a0;
       if (in && ok0) {
-        a0 = __ldg(reinterpret_cast<const float2*>(q0 + d));
-        a2 = __ldg(reinterpret_cast<const float2*>(q0 + d + 8));
+        a0 = __ldcg(reinterpret_cast<const float2*>(q0 + d));
+        a2 = __ldcg(reinterpret_cast<const float2*>(q0 + d + 8));
       }
       if (in && ok1) {
-        a1 = __ldg(reinterpret_cast<const float2*>(q1 + d));
-        a3 = __ldg(reinterpret_cast<const float2*>(q1 + d + 8));
+        a1 = __ldcg(reinterpret_cast<const float2*>(q1 + d));
+        a3 = __ldcg(reinterpret_cast<const float2*>(q1 + d + 8));
       }
       qf[kk][0] = pack_bf16x2(a0.x, a0.y);
       qf[kk][1] = pack_bf16x2(a1.x, a1.y);
@@ -480,13 +496,155 @@ void launch_prefill_mma(float* out, Bf16Pair out_bf16, const float* q, const bf1
   auto run = [&](auto kernel) {
     if (smem > 48 * 1024)
       CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    kernel<<<dim3(b.num_prefill_tiles, num_heads), k_mma_threads, smem, stream>>>(out, out_bf16, q, k_cache, v_cache, b,
-                                                                                   num_heads, num_kv_heads, hd, scale_log2);
+    launch_kernel(kernel, dim3(b.num_prefill_tiles, num_heads), k_mma_threads, smem, stream, out, out_bf16, q, k_cache,
+                  v_cache, b, num_heads, num_kv_heads, hd, scale_log2);
     CUDA_CHECK_LAUNCH();
   };
   if (hd <= 32) run(attention_prefill_mma_kernel<32>);
   else if (hd <= 64) run(attention_prefill_mma_kernel<64>);
   else run(attention_prefill_mma_kernel<128>);
+}
+
+// ---- decode rows, vectorised: a group of lanes per cached row -------------------------------------------
+
+// grid (num_decode, num_heads), k_threads threads. A cached row of head_dim elements is LPR lanes x 16
+// bytes (LPR = head_dim x element size / 16, a power of two up to 32), so one warp reads 32 / LPR rows per
+// load, all of a step's k and v loads in flight at once (K_STEPS rows per lane group: 8 loads of 16 bytes
+// each for k and for v). Lane (group, chunk) holds dims chunk x VEC .. + VEC of q and of its output; a
+// score is its group's partial dots added over the LPR lanes. Warp w takes the steps w, w + 8, ... of
+// the positions 0..pos; the online softmax (running max and sum) is kept per warp, the eight merged at
+// the end as in the kernel above. Compared with it, every load is 16 bytes and the values need no
+// shuffles: the same f32 arithmetic in another order.
+constexpr int k_vec_steps = 8;  // rows per lane group per step
+
+template <typename CacheT, int LPR>
+__global__ void __launch_bounds__(k_threads)
+    attention_decode_vec_kernel(float* out, Bf16Pair out_bf16, const float* q, const CacheT* k_cache,
+                                const CacheT* v_cache, AttentionBatch b, int num_heads, int num_kv_heads, int hd,
+                                float scale) {
+  constexpr int VEC = 16 / sizeof(CacheT);  // elements per 16-byte load
+  constexpr int GROUPS = 32 / LPR;          // rows per warp and load
+  constexpr int STEP = GROUPS * k_vec_steps;  // positions per warp and step
+  __shared__ float part_m[k_warps], part_l[k_warps];
+  __shared__ __align__(16) float part_acc[k_warps][LPR * VEC];
+  wait_for_previous_kernel();
+  const int row = b.decode_rows[blockIdx.x];
+  const int seq = b.token_seq[row], pos = b.token_pos[row];
+  const int h = blockIdx.y, kvh = h / (num_heads / num_kv_heads);
+  const int q_size = num_heads * hd, kv_size = num_kv_heads * hd;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, group = lane / LPR, chunk = lane % LPR;
+  const int32_t* block_table = b.block_tables + static_cast<int64_t>(seq) * b.max_blocks;
+
+  float qv[VEC];
+  {
+    const float* qr = q + static_cast<int64_t>(row) * q_size + h * hd + chunk * VEC;
+#pragma unroll
+    for (int i = 0; i < VEC; i += 4) {
+      const float4 v4 = __ldcg(reinterpret_cast<const float4*>(qr + i));
+      qv[i] = v4.x * scale, qv[i + 1] = v4.y * scale, qv[i + 2] = v4.z * scale, qv[i + 3] = v4.w * scale;
+    }
+  }
+  float m = -INFINITY, l = 0.0f, acc[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
+
+  for (int base = warp * STEP; base <= pos; base += k_warps * STEP) {
+    uint4 kraw[k_vec_steps], vraw[k_vec_steps];
+    bool valid[k_vec_steps];
+#pragma unroll
+    for (int u = 0; u < k_vec_steps; ++u) {  // every load of the step in flight
+      const int key = base + u * GROUPS + group;
+      valid[u] = key <= pos;
+      kraw[u] = vraw[u] = make_uint4(0, 0, 0, 0);
+      if (valid[u]) {
+        const int64_t at = cache_row(block_table, b.block_size, key) * kv_size + kvh * hd + chunk * VEC;
+        kraw[u] = __ldcg(reinterpret_cast<const uint4*>(k_cache + at));
+        vraw[u] = __ldcg(reinterpret_cast<const uint4*>(v_cache + at));
+      }
+    }
+    float s[k_vec_steps];
+    float step_max = -INFINITY;
+#pragma unroll
+    for (int u = 0; u < k_vec_steps; ++u) {
+      float kf[VEC];
+      unpack16(kraw[u], kf);
+      float dot = 0.0f;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) dot = fmaf(qv[i], kf[i], dot);
+#pragma unroll
+      for (int offset = LPR / 2; offset > 0; offset >>= 1) dot += __shfl_xor_sync(k_full_mask, dot, offset);
+      s[u] = valid[u] ? dot : -INFINITY;
+      step_max = fmaxf(step_max, s[u]);
+    }
+#pragma unroll
+    for (int offset = LPR; offset < 32; offset <<= 1) step_max = fmaxf(step_max, __shfl_xor_sync(k_full_mask, step_max, offset));
+    const float m_new = fmaxf(m, step_max);  // finite: the warp's first position of the step is <= pos
+    const float correction = expf(m - m_new);  // 0 on the first step (m = -inf)
+    float p_sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] *= correction;
+#pragma unroll
+    for (int u = 0; u < k_vec_steps; ++u) {
+      const float p = valid[u] ? expf(s[u] - m_new) : 0.0f;
+      p_sum += p;
+      float vf[VEC];
+      unpack16(vraw[u], vf);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[i] = fmaf(p, vf[i], acc[i]);
+    }
+#pragma unroll
+    for (int offset = LPR; offset < 32; offset <<= 1) p_sum += __shfl_xor_sync(k_full_mask, p_sum, offset);
+    l = l * correction + p_sum;
+    m = m_new;
+  }
+  // The groups of a warp hold the same dims for different positions: add them.
+#pragma unroll
+  for (int i = 0; i < VEC; ++i)
+#pragma unroll
+    for (int offset = LPR; offset < 32; offset <<= 1) acc[i] += __shfl_xor_sync(k_full_mask, acc[i], offset);
+  if (lane == 0) {
+    part_m[warp] = m;
+    part_l[warp] = l;
+  }
+  if (group == 0)
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) part_acc[warp][chunk * VEC + i] = acc[i];
+  __syncthreads();
+  float m_all = -INFINITY;
+  for (int w = 0; w < k_warps; ++w) m_all = fmaxf(m_all, part_m[w]);
+  float l_all = 0.0f, scale_w[k_warps];
+  for (int w = 0; w < k_warps; ++w) {
+    scale_w[w] = part_m[w] == -INFINITY ? 0.0f : expf(part_m[w] - m_all);  // a warp with no positions adds nothing
+    l_all += part_l[w] * scale_w[w];
+  }
+  const int64_t at = static_cast<int64_t>(row) * q_size + h * hd;
+  for (int d = threadIdx.x; d < hd; d += k_threads) {
+    float o = 0.0f;
+    for (int w = 0; w < k_warps; ++w) o += part_acc[w][d] * scale_w[w];
+    o /= l_all;
+    out[at + d] = o;
+    if (out_bf16.hi != nullptr) store_bf16(out_bf16, at + d, o);
+  }
+}
+
+// The vectorised decode kernel for this cache and head size, or nullptr where a row is not a power of two
+// of 16-byte pieces up to 32 (the kernel above takes those).
+template <typename CacheT>
+using DecodeVecKernel = void (*)(float*, Bf16Pair, const float*, const CacheT*, const CacheT*, AttentionBatch, int, int,
+                                 int, float);
+template <typename CacheT>
+DecodeVecKernel<CacheT> decode_vec_kernel(int hd) {
+  const int bytes = hd * static_cast<int>(sizeof(CacheT));
+  if (bytes % 16 != 0) return nullptr;
+  switch (bytes / 16) {
+    case 1: return attention_decode_vec_kernel<CacheT, 1>;
+    case 2: return attention_decode_vec_kernel<CacheT, 2>;
+    case 4: return attention_decode_vec_kernel<CacheT, 4>;
+    case 8: return attention_decode_vec_kernel<CacheT, 8>;
+    case 16: return attention_decode_vec_kernel<CacheT, 16>;
+    case 32: return attention_decode_vec_kernel<CacheT, 32>;
+    default: return nullptr;
+  }
 }
 
 // The CUDA-core kernels: prefill tiles (when `prefill`) and decode rows.
@@ -500,13 +658,17 @@ void launch(float* out, Bf16Pair out_bf16, const float* q, const CacheT* k_cache
     if (smem > 48 * 1024)
       CUDA_CHECK(cudaFuncSetAttribute(attention_prefill_kernel<NCH, CacheT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem)));
-    attention_prefill_kernel<NCH, CacheT><<<dim3(b.num_prefill_tiles, num_heads), k_threads, smem, stream>>>(
-        out, out_bf16, q, k_cache, v_cache, b, num_heads, num_kv_heads, hd, scale);
+    launch_kernel(attention_prefill_kernel<NCH, CacheT>, dim3(b.num_prefill_tiles, num_heads), k_threads, smem, stream,
+                  out, out_bf16, q, k_cache, v_cache, b, num_heads, num_kv_heads, hd, scale);
     CUDA_CHECK_LAUNCH();
   }
   if (b.num_decode > 0) {
-    attention_decode_kernel<NCH, CacheT><<<dim3(b.num_decode, num_heads), k_threads, 0, stream>>>(
-        out, out_bf16, q, k_cache, v_cache, b, num_heads, num_kv_heads, hd, scale);
+    if (const DecodeVecKernel<CacheT> vec = decode_vec_kernel<CacheT>(hd); vec != nullptr)
+      launch_kernel(vec, dim3(b.num_decode, num_heads), k_threads, 0, stream, out, out_bf16, q, k_cache, v_cache, b,
+                    num_heads, num_kv_heads, hd, scale);
+    else
+      launch_kernel(attention_decode_kernel<NCH, CacheT>, dim3(b.num_decode, num_heads), k_threads, 0, stream, out,
+                    out_bf16, q, k_cache, v_cache, b, num_heads, num_kv_heads, hd, scale);
     CUDA_CHECK_LAUNCH();
   }
 }

@@ -5,8 +5,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/device.h"
 #include "backend/cuda/kernels.h"
 
 namespace moescope::cuda {
@@ -75,5 +77,35 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+// Programmatic dependent launch (device.h): wait until the previous kernel of the stream has completed
+// and its writes are visible, then let the next kernel's blocks start. Every kernel launched with
+// launch_kernel calls this before its first read or write of an activation (weights may come before).
+// Without a programmatic launch (or before sm_90) the wait returns at once. Activations (and the KV
+// cache) are never read through the read-only path (__ldg, ld.global.nc): a kernel now overlaps the one
+// that writes them, and that path assumes data that no running kernel writes (with it the decode read
+// stale activations on the H100). Plain or __ldca loads (L1, made coherent by the wait) or __ldcg (L2).
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch when that is on.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = programmatic_launch() ? 1 : 0;
+  CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
 
 }  // namespace moescope::cuda

@@ -859,6 +859,15 @@ CudaBackend::CudaBackend(std::shared_ptr<const ModelWeights> weights, CudaBacken
   if (!device_available(&why)) fail("--device cuda: no CUDA device available ({})", why);
   m.check_shapes();
   m.description = cuda::device_description();
+  // Programmatic dependent launch where the GPU has it (sm_90): each kernel of a pass starts while the one
+  // before it finishes. MOESCOPE_CUDA_PDL=0 turns it off (a diagnostic: the same results, launched plainly).
+  const char* pdl_env = std::getenv("MOESCOPE_CUDA_PDL");
+  const std::string pdl = pdl_env == nullptr ? "" : pdl_env;
+  if (!pdl.empty() && pdl != "0" && pdl != "1") fail("MOESCOPE_CUDA_PDL={}: expected 0 or 1", pdl);
+  int device = 0, major = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  set_programmatic_launch(major >= 9 && pdl != "0");
   CUDA_CHECK(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking));
   m.blas_handle = std::make_unique<Blas>();
   m.blas_handle->set_stream(m.stream);
@@ -898,7 +907,9 @@ void CudaBackend::forward(const Batch& batch, RoutingSink* sink, std::vector<flo
   impl_->forward(batch, sink, logits);
 }
 
-KvCapacity CudaBackend::kv_capacity() const { return {impl_->num_blocks, impl_->options.block_size}; }
+KvCapacity CudaBackend::kv_capacity() const {
+  return {impl_->num_blocks, impl_->options.block_size, impl_->options.kv_cache_f32 ? 4 : 2};
+}
 
 size_t CudaBackend::weight_bytes() const { return impl_->weight_arena.size(); }
 

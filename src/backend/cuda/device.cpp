@@ -6,6 +6,13 @@
 
 namespace moescope::cuda {
 
+namespace {
+bool g_programmatic_launch = false;
+}  // namespace
+
+void set_programmatic_launch(bool on) { g_programmatic_launch = on; }
+bool programmatic_launch() { return g_programmatic_launch; }
+
 bool device_available(std::string* why) {
   int count = 0;
   const cudaError_t error = cudaGetDeviceCount(&count);

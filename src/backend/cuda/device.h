@@ -10,4 +10,13 @@ bool device_available(std::string* why = nullptr);
 // "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs, 79.1 GiB)" for the current device.
 std::string device_description();
 
+// Programmatic dependent launch (sm_90 and later): each kernel of a pass is launched so that it may start
+// while the kernel before it on the stream finishes. Its threads first do what needs nothing from that
+// kernel (addresses, weight loads), then wait for it to complete (griddepcontrol.wait) before they read or
+// write any activation, and let the next kernel start early in turn. A kernel placed in a CUDA graph keeps
+// the same programmatic edge. Off (every launch waits for the previous kernel as usual) until the backend
+// turns it on for a GPU that has it; MOESCOPE_CUDA_PDL=0 keeps it off (a diagnostic).
+void set_programmatic_launch(bool on);
+bool programmatic_launch();
+
 }  // namespace moescope::cuda

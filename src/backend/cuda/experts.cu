@@ -50,6 +50,10 @@ template <int MAXT>
 __global__ void __launch_bounds__(k_small_warps * 32)
     gate_up_small_kernel(float* h, int ld_h, const float* x, ExpertWeights w, ExpertGroups groups, int num_tokens,
                          int hidden, int top_k, int routed_groups, int blocks_per_routed) {
+  // The dense group's rows are known before the router has run: its warps load their first weights, then
+  // wait (inside warp_dot_rows). Routed groups come from the router's grouping: those blocks wait first.
+  const bool dense = blockIdx.x >= routed_groups * blocks_per_routed;
+  if (!dense) wait_for_previous_kernel();
   Group g;
   int block;
   if (!find_group(g, block, w, groups, routed_groups, blocks_per_routed, num_tokens, hidden)) return;
@@ -69,7 +73,8 @@ __global__ void __launch_bounds__(k_small_warps * 32)
     out_row[i] = g.pairs != nullptr ? g.pairs[ii] : num_pairs + ii;
   }
   float acc[MAXT][2];
-  warp_dot_rows<2, MAXT>(acc, rows, xs, g.count, hidden);
+  if (dense) warp_dot_rows<2, MAXT, true>(acc, rows, xs, g.count, hidden);
+  else warp_dot_rows<2, MAXT>(acc, rows, xs, g.count, hidden);
   if (lane != 0) return;
 #pragma unroll
   for (int i = 0; i < MAXT; ++i)
@@ -82,6 +87,10 @@ __global__ void __launch_bounds__(k_small_warps * 32)
     down_small_kernel(float* ffn_out, int num_slots, const float* h, int ld_h, const float* topk_weights,
                       ExpertWeights w, ExpertGroups groups, int num_tokens, int hidden, int top_k, int routed_groups,
                       int blocks_per_routed) {
+  // The dense group's rows are known before the router has run: its warps load their first weights, then
+  // wait (inside warp_dot_rows). Routed groups come from the router's grouping: those blocks wait first.
+  const bool dense = blockIdx.x >= routed_groups * blocks_per_routed;
+  if (!dense) wait_for_previous_kernel();
   Group g;
   int block;
   if (!find_group(g, block, w, groups, routed_groups, blocks_per_routed, num_tokens, hidden)) return;
@@ -97,7 +106,8 @@ __global__ void __launch_bounds__(k_small_warps * 32)
     hs[i] = h + static_cast<int64_t>(g.pairs != nullptr ? g.pairs[ii] : num_pairs + ii) * ld_h;
   }
   float acc[MAXT][1];
-  warp_dot_rows<1, MAXT>(acc, rows, hs, g.count, g.inter);
+  if (dense) warp_dot_rows<1, MAXT, true>(acc, rows, hs, g.count, g.inter);
+  else warp_dot_rows<1, MAXT>(acc, rows, hs, g.count, g.inter);
   if (lane != 0) return;
 #pragma unroll
   for (int i = 0; i < MAXT; ++i) {
@@ -168,6 +178,7 @@ __global__ void __launch_bounds__(Cfg::THREADS)
   constexpr int A_ITERS = Cfg::A_ITERS, B_ITERS = Cfg::B_ITERS;
   extern __shared__ __align__(16) unsigned char gemm_smem[];
   bf16* const smem = reinterpret_cast<bf16*>(gemm_smem);
+  wait_for_previous_kernel();
 
   const int tile = blockIdx.x;
   if (tile >= *groups.num_tiles) return;
@@ -335,8 +346,8 @@ void launch_grouped_gemm(int max_tiles, int n_total, cudaStream_t stream, Bf16Pa
   CUDA_CHECK(cudaFuncSetAttribute(grouped_gemm_kernel<GATED, SPLIT, Cfg>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(Cfg::SMEM_BYTES)));
   const dim3 grid(max_tiles, ceil_div(n_total, Cfg::BN));
-  grouped_gemm_kernel<GATED, SPLIT, Cfg><<<grid, Cfg::THREADS, Cfg::SMEM_BYTES, stream>>>(
-      hb, ffn_out, num_slots, a_src, topk_weights, w, groups, hidden, top_k);
+  launch_kernel(grouped_gemm_kernel<GATED, SPLIT, Cfg>, grid, Cfg::THREADS, Cfg::SMEM_BYTES, stream, hb, ffn_out,
+                num_slots, a_src, topk_weights, w, groups, hidden, top_k);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -372,8 +383,8 @@ void experts_gate_up_small(float* h, int ld_h, const float* x, const ExpertWeigh
   const int blocks = routed_groups * blocks_per_routed + dense_blocks;
   if (blocks == 0) return;
   dispatch_max_tokens(num_tokens, [&]<int MAXT>() {
-    gate_up_small_kernel<MAXT><<<blocks, k_small_warps * 32, 0, stream>>>(h, ld_h, x, w, groups, num_tokens, hidden,
-                                                                           top_k, routed_groups, blocks_per_routed);
+    launch_kernel(gate_up_small_kernel<MAXT>, blocks, k_small_warps * 32, 0, stream, h, ld_h, x, w, groups, num_tokens,
+                  hidden, top_k, routed_groups, blocks_per_routed);
   });
   CUDA_CHECK_LAUNCH();
 }
@@ -392,9 +403,8 @@ void experts_down_small(float* ffn_out, int num_slots, const float* h, int ld_h,
   const int blocks = routed_groups * blocks_per_routed + dense_blocks;
   if (blocks == 0) return;
   dispatch_max_tokens(num_tokens, [&]<int MAXT>() {
-    down_small_kernel<MAXT><<<blocks, k_small_warps * 32, 0, stream>>>(ffn_out, num_slots, h, ld_h, topk_weights, w,
-                                                                        groups, num_tokens, hidden, top_k,
-                                                                        routed_groups, blocks_per_routed);
+    launch_kernel(down_small_kernel<MAXT>, blocks, k_small_warps * 32, 0, stream, ffn_out, num_slots, h, ld_h,
+                  topk_weights, w, groups, num_tokens, hidden, top_k, routed_groups, blocks_per_routed);
   });
   CUDA_CHECK_LAUNCH();
 }

@@ -21,7 +21,7 @@ __global__ void __launch_bounds__(k_warps_per_block * 32)
 #pragma unroll
   for (int t = 0; t < MAXT; ++t) xs[t] = x + static_cast<int64_t>(min(t, num_tokens - 1)) * k;
   float acc[MAXT][ROWS];
-  warp_dot_rows<ROWS, MAXT>(acc, rows, xs, num_tokens, k);
+  warp_dot_rows<ROWS, MAXT, true>(acc, rows, xs, num_tokens, k);  // waits for the previous kernel inside
   if (lane != 0) return;
 #pragma unroll
   for (int t = 0; t < MAXT; ++t)
@@ -38,7 +38,8 @@ void launch_gemv(float* y, int ldy, const float* x, const bf16* w, int num_token
                  cudaStream_t stream) {
   const int blocks = ceil_div(n, k_warps_per_block * ROWS);
   dispatch_max_tokens(num_tokens, [&]<int MAXT>() {
-    gemv_kernel<ROWS, MAXT><<<blocks, k_warps_per_block * 32, 0, stream>>>(y, ldy, x, w, num_tokens, n, k, accumulate);
+    launch_kernel(gemv_kernel<ROWS, MAXT>, blocks, k_warps_per_block * 32, 0, stream, y, ldy, x, w, num_tokens, n, k,
+                  accumulate);
   });
   CUDA_CHECK_LAUNCH();
 }

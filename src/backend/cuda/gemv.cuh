@@ -7,7 +7,9 @@ namespace moescope::cuda {
 
 // acc[t][r] = w[r] . x[t] over k elements, summed over the warp (every lane gets the sums).
 // w[r]: a row of k bf16 (16-byte aligned, k % 8 == 0); x[t]: k f32 (32-byte aligned); n <= MAXT tokens.
-template <int ROWS, int MAXT>
+// WAIT: the calling kernel has not yet waited for the previous one (wait_for_previous_kernel): the first
+// weight loads are issued, then the warp waits, so that they stream while the previous kernel finishes.
+template <int ROWS, int MAXT, bool WAIT = false>
 __device__ __forceinline__ void warp_dot_rows(float (&acc)[MAXT][ROWS], const bf16* const (&w)[ROWS],
                                               const float* const (&x)[MAXT], int n, int k) {
   constexpr int U = 8 / ROWS;  // vectors per row per lane per step: 8 loads of 16 bytes in flight
@@ -25,6 +27,7 @@ __device__ __forceinline__ void warp_dot_rows(float (&acc)[MAXT][ROWS], const bf
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) wv[u][r] = v < num_vec ? load_stream(w[r] + v * 8) : make_uint4(0, 0, 0, 0);
     }
+    if (WAIT && base == 0) wait_for_previous_kernel();  // the weights above need nothing from it
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int v = base + u * 32 + lane;
@@ -33,7 +36,8 @@ __device__ __forceinline__ void warp_dot_rows(float (&acc)[MAXT][ROWS], const bf
         for (int t = 0; t < MAXT; ++t) {
           if (t < n) {
             const float4* xv = reinterpret_cast<const float4*>(x[t] + v * 8);
-            const float4 a = __ldg(xv), b = __ldg(xv + 1);
+            // Activations: L1-cached (every warp of an SM reads the same x), never the read-only path.
+            const float4 a = __ldca(xv), b = __ldca(xv + 1);
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) acc[t][r] = dot8(wv[u][r], a, b, acc[t][r]);
           }

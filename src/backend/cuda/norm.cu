@@ -7,6 +7,7 @@ namespace {
 
 // One block per token.  x: [T, hidden] f32, table: [vocab, hidden] bf16, token_ids: [T].
 __global__ void embed_kernel(float* x, const bf16* table, const int32_t* token_ids, int hidden) {
+  wait_for_previous_kernel();
   const int t = blockIdx.x;
   const bf16* row = table + static_cast<int64_t>(token_ids[t]) * hidden;
   float* out = x + static_cast<int64_t>(t) * hidden;
@@ -22,6 +23,7 @@ constexpr int k_norm_per_thread = 8;  // hidden <= 8 * 1024
 __global__ void __launch_bounds__(1024) rms_norm_kernel(float* out, Bf16Pair out_bf16, float* x, const int32_t* rows, int hidden,
                                 const float* weight, float eps, FfnFold fold) {
   __shared__ float scratch[32];
+  wait_for_previous_kernel();
   const int r = blockIdx.x, tid = threadIdx.x, threads = blockDim.x;
   const int t = rows != nullptr ? rows[r] : r;
   float* xt = x + static_cast<int64_t>(t) * hidden;
@@ -74,6 +76,7 @@ __global__ void __launch_bounds__(1024) rms_norm_kernel(float* out, Bf16Pair out
 
 // gate_up: [T, 2 * inter] f32; out: [T, inter] bf16 (hi, and lo when given).
 __global__ void swiglu_bf16_kernel(Bf16Pair out, const float* gate_up, int64_t total, int inter) {
+  wait_for_previous_kernel();
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = i / inter, c = i % inter;
@@ -86,7 +89,7 @@ __global__ void swiglu_bf16_kernel(Bf16Pair out, const float* gate_up, int64_t t
 
 void embed(float* x, const bf16* table, const int32_t* token_ids, int num_tokens, int hidden, cudaStream_t stream) {
   if (num_tokens == 0) return;
-  embed_kernel<<<num_tokens, 256, 0, stream>>>(x, table, token_ids, hidden);
+  launch_kernel(embed_kernel, num_tokens, 256, 0, stream, x, table, token_ids, hidden);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -96,7 +99,7 @@ void rms_norm(float* out, Bf16Pair out_bf16, float* x, const int32_t* rows, int 
   if (hidden > k_norm_per_thread * 1024) argument_error("rms_norm", "hidden is larger than 8192");
   // Two elements per thread where the row allows it: many threads, few loads each.
   const int threads = std::clamp((hidden / 2 + 31) / 32 * 32, 32, 1024);
-  rms_norm_kernel<<<num_rows, threads, 0, stream>>>(out, out_bf16, x, rows, hidden, weight, eps, fold);
+  launch_kernel(rms_norm_kernel, num_rows, threads, 0, stream, out, out_bf16, x, rows, hidden, weight, eps, fold);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -104,7 +107,7 @@ void swiglu_bf16(Bf16Pair out, const float* gate_up, int num_tokens, int inter, 
   const int64_t total = static_cast<int64_t>(num_tokens) * inter;
   if (total == 0) return;
   const int blocks = static_cast<int>(std::min<int64_t>((total + 255) / 256, 65536));
-  swiglu_bf16_kernel<<<blocks, 256, 0, stream>>>(out, gate_up, total, inter);
+  launch_kernel(swiglu_bf16_kernel, blocks, 256, 0, stream, out, gate_up, total, inter);
   CUDA_CHECK_LAUNCH();
 }
 

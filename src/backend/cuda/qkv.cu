@@ -32,6 +32,7 @@ __global__ void __launch_bounds__(k_threads)
                           const int32_t* slots, QkvParams p) {
   extern __shared__ float row[];
   __shared__ float scratch[32];
+  wait_for_previous_kernel();
   const int t = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, num_warps = k_threads / 32;
   const int hd = p.head_dim, q_size = p.num_heads * hd, kv_size = p.num_kv_heads * hd;
   const int width = q_size + 2 * kv_size;
@@ -95,6 +96,7 @@ __global__ void __launch_bounds__(k_head_threads)
                     const int32_t* slots, QkvParams p) {
   __shared__ float v[256];  // one head (head_dim <= 256)
   __shared__ float scratch[32];
+  wait_for_previous_kernel();
   const int t = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
   const int hd = p.head_dim, nh = p.num_heads, nkv = p.num_kv_heads;
   const int q_size = nh * hd, kv_size = nkv * hd, width = q_size + 2 * kv_size;
@@ -137,8 +139,8 @@ void launch_qkv(float* q, CacheT* k_cache, CacheT* v_cache, const float* qkv, co
   if (num_tokens == 0) return;
   if (p.head_dim % 2 != 0 || p.head_dim > 256) argument_error("qkv_rope_cache", "head_dim must be even, at most 256");
   if (p.qk_norm != QkNormKind::Full) {
-    qkv_head_kernel<CacheT><<<dim3(num_tokens, p.num_heads + 2 * p.num_kv_heads), k_head_threads, 0, stream>>>(
-        q, k_cache, v_cache, qkv, token_pos, slots, p);
+    launch_kernel(qkv_head_kernel<CacheT>, dim3(num_tokens, p.num_heads + 2 * p.num_kv_heads), k_head_threads, 0, stream,
+                  q, k_cache, v_cache, qkv, token_pos, slots, p);
     CUDA_CHECK_LAUNCH();
     return;
   }
@@ -146,7 +148,8 @@ void launch_qkv(float* q, CacheT* k_cache, CacheT* v_cache, const float* qkv, co
   if (smem > 48 * 1024)
     CUDA_CHECK(cudaFuncSetAttribute(qkv_rope_cache_kernel<CacheT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(smem)));
-  qkv_rope_cache_kernel<CacheT><<<num_tokens, k_threads, smem, stream>>>(q, k_cache, v_cache, qkv, token_pos, slots, p);
+  launch_kernel(qkv_rope_cache_kernel<CacheT>, num_tokens, k_threads, smem, stream, q, k_cache, v_cache, qkv, token_pos,
+                slots, p);
   CUDA_CHECK_LAUNCH();
 }
 

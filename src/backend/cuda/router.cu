@@ -21,6 +21,7 @@ __global__ void __launch_bounds__(1024)
   extern __shared__ float probs[];
   __shared__ int32_t chosen_ids[k_max_top_k];
   __shared__ float chosen_weights[k_max_top_k];
+  wait_for_previous_kernel();
   const int t = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int num_warps = blockDim.x / 32;
 
@@ -122,6 +123,7 @@ __global__ void __launch_bounds__(1024)
 __global__ void align_kernel(ExpertGroups g, const int32_t* topk_ids, int num_pairs, int num_experts, int tile_rows) {
   extern __shared__ int32_t counts[];
   int32_t* offsets = counts + num_experts;
+  wait_for_previous_kernel();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, num_warps = blockDim.x / 32;
   for (int e = tid; e < num_experts; e += blockDim.x) counts[e] = 0;
   __syncthreads();
@@ -186,9 +188,8 @@ bool router_topk(int32_t* topk_ids, float* topk_weights, float* shared_gate, con
   const size_t smem = (static_cast<size_t>(num_experts) + 1) * sizeof(float);
   const int threads = num_tokens <= 64 ? 1024 : 256;
   const bool group = groups != nullptr && num_tokens == 1;
-  router_topk_kernel<<<num_tokens, threads, smem, stream>>>(topk_ids, topk_weights, shared_gate, x, w, hidden,
-                                                            num_experts, top_k, norm_topk_prob,
-                                                            group ? *groups : ExpertGroups{}, group, counts);
+  launch_kernel(router_topk_kernel, num_tokens, threads, smem, stream, topk_ids, topk_weights, shared_gate, x, w, hidden,
+                num_experts, top_k, norm_topk_prob, group ? *groups : ExpertGroups{}, group, counts);
   CUDA_CHECK_LAUNCH();
   return group;
 }
@@ -196,8 +197,8 @@ bool router_topk(int32_t* topk_ids, float* topk_weights, float* shared_gate, con
 void align_by_expert(const ExpertGroups& groups, const int32_t* topk_ids, int num_pairs, int num_experts,
                      cudaStream_t stream) {
   const size_t smem = (2 * static_cast<size_t>(num_experts) + 1) * sizeof(int32_t);
-  align_kernel<<<1, 1024, smem, stream>>>(groups, topk_ids, num_pairs, num_experts,
-                                          expert_tile_rows(num_pairs, num_experts));
+  launch_kernel(align_kernel, 1, 1024, smem, stream, groups, topk_ids, num_pairs, num_experts,
+                expert_tile_rows(num_pairs, num_experts));
   CUDA_CHECK_LAUNCH();
 }
 
