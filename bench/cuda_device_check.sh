@@ -10,6 +10,9 @@
 # ONLY="make_model hf_side_by_side real_size" (step names, space-separated) runs those steps alone, e.g. to
 # stay within one call's time limit.
 set -u
+# The binaries may come as one archive (the carried tree is capped at 64 MiB): build-cuda/bins.tar.xz of
+# moescope and tests/, made with `tar cf - -C DIR moescope tests | xz > build-cuda/bins.tar.xz`.
+if [ -f build-cuda/bins.tar.xz ]; then tar xJf build-cuda/bins.tar.xz -C build-cuda; fi
 out=${OUT:-/tmp/moescope-out}
 mkdir -p "$out"
 model=/tmp/qwen1.5-moe-a2.7b-random

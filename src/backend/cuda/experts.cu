@@ -22,11 +22,16 @@ struct Group {
   const int32_t* pairs; // [count] routed pairs, or null for the dense group (tokens 0..count-1)
 };
 
-// Splits blockIdx.x into (group, block within the group). Returns false when the block has no work.
+// The block's place in the group order: the dense group's blocks come last in that order and are
+// launched first (the grid runs in blockIdx order), so that with a programmatic launch they are the ones
+// resident while the router still runs, loading their weights (routed blocks can only wait).
+__device__ __forceinline__ int small_block() { return static_cast<int>(gridDim.x - 1 - blockIdx.x); }
+
+// Splits small_block() into (group, block within the group). Returns false when the block has no work.
 __device__ __forceinline__ bool find_group(Group& g, int& block_in_group, const ExpertWeights& w,
                                            const ExpertGroups& groups, int routed_groups, int blocks_per_routed,
                                            int num_tokens, int hidden) {
-  const int b = blockIdx.x;
+  const int b = small_block();
   if (b < routed_groups * blocks_per_routed) {
     const int a = b / blocks_per_routed;
     if (a >= *groups.num_active) return false;
@@ -46,22 +51,28 @@ __device__ __forceinline__ bool find_group(Group& g, int& block_in_group, const 
 }
 
 // h: [P + T, ld_h] f32 (row p: routed pair p; row P + t: token t of the dense group); x: [T, hidden].
-template <int MAXT>
+// C: columns per warp (gate and up rows of each): with more tokens, more rows share each activation load.
+template <int MAXT, int C>
 __global__ void __launch_bounds__(k_small_warps * 32)
     gate_up_small_kernel(float* h, int ld_h, const float* x, ExpertWeights w, ExpertGroups groups, int num_tokens,
                          int hidden, int top_k, int routed_groups, int blocks_per_routed) {
   // The dense group's rows are known before the router has run: its warps load their first weights, then
   // wait (inside warp_dot_rows). Routed groups come from the router's grouping: those blocks wait first.
-  const bool dense = blockIdx.x >= routed_groups * blocks_per_routed;
+  const bool dense = small_block() >= routed_groups * blocks_per_routed;
   if (!dense) wait_for_previous_kernel();
   Group g;
   int block;
   if (!find_group(g, block, w, groups, routed_groups, blocks_per_routed, num_tokens, hidden)) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int col = block * k_small_warps + warp;
-  if (col >= g.inter) return;
-  const bf16* rows[2] = {g.gate_up + static_cast<int64_t>(col) * hidden,
-                         g.gate_up + static_cast<int64_t>(g.inter + col) * hidden};
+  const int col0 = (block * k_small_warps + warp) * C;
+  if (col0 >= g.inter) return;
+  const bf16* rows[2 * C];
+#pragma unroll
+  for (int c = 0; c < C; ++c) {  // columns past the end re-read the last one; their sums are dropped
+    const int col = min(col0 + c, g.inter - 1);
+    rows[2 * c] = g.gate_up + static_cast<int64_t>(col) * hidden;
+    rows[2 * c + 1] = g.gate_up + static_cast<int64_t>(g.inter + col) * hidden;
+  }
   const int num_pairs = num_tokens * top_k;
   const float* xs[MAXT];
   int out_row[MAXT];
@@ -72,32 +83,37 @@ __global__ void __launch_bounds__(k_small_warps * 32)
     xs[i] = x + static_cast<int64_t>(token) * hidden;
     out_row[i] = g.pairs != nullptr ? g.pairs[ii] : num_pairs + ii;
   }
-  float acc[MAXT][2];
-  if (dense) warp_dot_rows<2, MAXT, true>(acc, rows, xs, g.count, hidden);
-  else warp_dot_rows<2, MAXT>(acc, rows, xs, g.count, hidden);
+  float acc[MAXT][2 * C];
+  if (dense) warp_dot_rows<2 * C, MAXT, true>(acc, rows, xs, g.count, hidden);
+  else warp_dot_rows<2 * C, MAXT>(acc, rows, xs, g.count, hidden);
   if (lane != 0) return;
 #pragma unroll
   for (int i = 0; i < MAXT; ++i)
-    if (i < g.count) h[static_cast<int64_t>(out_row[i]) * ld_h + col] = silu(acc[i][0]) * acc[i][1];
+#pragma unroll
+    for (int c = 0; c < C; ++c)
+      if (i < g.count && col0 + c < g.inter)
+        h[static_cast<int64_t>(out_row[i]) * ld_h + col0 + c] = silu(acc[i][2 * c]) * acc[i][2 * c + 1];
 }
 
-// ffn_out: [T, num_slots, hidden]; h: as above; topk_weights: [T * top_k].
-template <int MAXT>
+// ffn_out: [T, num_slots, hidden]; h: as above; topk_weights: [T * top_k]. R: output rows per warp.
+template <int MAXT, int R>
 __global__ void __launch_bounds__(k_small_warps * 32)
     down_small_kernel(float* ffn_out, int num_slots, const float* h, int ld_h, const float* topk_weights,
                       ExpertWeights w, ExpertGroups groups, int num_tokens, int hidden, int top_k, int routed_groups,
                       int blocks_per_routed) {
   // The dense group's rows are known before the router has run: its warps load their first weights, then
   // wait (inside warp_dot_rows). Routed groups come from the router's grouping: those blocks wait first.
-  const bool dense = blockIdx.x >= routed_groups * blocks_per_routed;
+  const bool dense = small_block() >= routed_groups * blocks_per_routed;
   if (!dense) wait_for_previous_kernel();
   Group g;
   int block;
   if (!find_group(g, block, w, groups, routed_groups, blocks_per_routed, num_tokens, hidden)) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int n = block * k_small_warps + warp;
-  if (n >= hidden) return;
-  const bf16* rows[1] = {g.down + static_cast<int64_t>(n) * g.inter};
+  const int n0 = (block * k_small_warps + warp) * R;
+  if (n0 >= hidden) return;
+  const bf16* rows[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) rows[r] = g.down + static_cast<int64_t>(min(n0 + r, hidden - 1)) * g.inter;
   const int num_pairs = num_tokens * top_k;
   const float* hs[MAXT];
 #pragma unroll
@@ -105,20 +121,26 @@ __global__ void __launch_bounds__(k_small_warps * 32)
     const int ii = min(i, g.count - 1);
     hs[i] = h + static_cast<int64_t>(g.pairs != nullptr ? g.pairs[ii] : num_pairs + ii) * ld_h;
   }
-  float acc[MAXT][1];
-  if (dense) warp_dot_rows<1, MAXT, true>(acc, rows, hs, g.count, g.inter);
-  else warp_dot_rows<1, MAXT>(acc, rows, hs, g.count, g.inter);
+  float acc[MAXT][R];
+  if (dense) warp_dot_rows<R, MAXT, true>(acc, rows, hs, g.count, g.inter);
+  else warp_dot_rows<R, MAXT>(acc, rows, hs, g.count, g.inter);
   if (lane != 0) return;
 #pragma unroll
   for (int i = 0; i < MAXT; ++i) {
     if (i >= g.count) continue;
+    int64_t at;
+    float weight = 1.0f;
     if (g.pairs != nullptr) {  // routed pair (t, j): weighted, into slot j
       const int pair = g.pairs[i];
       const int t = pair / top_k, j = pair % top_k;
-      ffn_out[(static_cast<int64_t>(t) * num_slots + j) * hidden + n] = topk_weights[pair] * acc[i][0];
+      at = (static_cast<int64_t>(t) * num_slots + j) * hidden;
+      weight = topk_weights[pair];
     } else {  // dense group: the last slot, unweighted (the shared-expert gate is applied when folding)
-      ffn_out[(static_cast<int64_t>(i) * num_slots + num_slots - 1) * hidden + n] = acc[i][0];
+      at = (static_cast<int64_t>(i) * num_slots + num_slots - 1) * hidden;
     }
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      if (n0 + r < hidden) ffn_out[at + n0 + r] = g.pairs != nullptr ? weight * acc[i][r] : acc[i][r];
   }
 }
 
@@ -378,13 +400,14 @@ void experts_gate_up_small(float* h, int ld_h, const float* x, const ExpertWeigh
   if (hidden % 8 != 0 || ld_h % 8 != 0) argument_error("experts_gate_up_small", "hidden and ld_h must be multiples of 8");
   const int num_pairs = num_tokens * top_k;
   const int routed_groups = num_experts > 0 ? std::min(num_experts, num_pairs) : 0;
-  const int blocks_per_routed = ceil_div(w.inter, k_small_warps);
-  const int dense_blocks = w.dense_gate_up != nullptr ? ceil_div(w.dense_inter, k_small_warps) : 0;
-  const int blocks = routed_groups * blocks_per_routed + dense_blocks;
-  if (blocks == 0) return;
   dispatch_max_tokens(num_tokens, [&]<int MAXT>() {
-    launch_kernel(gate_up_small_kernel<MAXT>, blocks, k_small_warps * 32, 0, stream, h, ld_h, x, w, groups, num_tokens,
-                  hidden, top_k, routed_groups, blocks_per_routed);
+    constexpr int C = small_rows_per_warp(MAXT) > 1 ? small_rows_per_warp(MAXT) / 2 : 1;  // columns per warp
+    const int blocks_per_routed = ceil_div(w.inter, k_small_warps * C);
+    const int dense_blocks = w.dense_gate_up != nullptr ? ceil_div(w.dense_inter, k_small_warps * C) : 0;
+    const int blocks = routed_groups * blocks_per_routed + dense_blocks;
+    if (blocks > 0)
+      launch_kernel(gate_up_small_kernel<MAXT, C>, blocks, k_small_warps * 32, 0, stream, h, ld_h, x, w, groups,
+                    num_tokens, hidden, top_k, routed_groups, blocks_per_routed);
   });
   CUDA_CHECK_LAUNCH();
 }
@@ -398,13 +421,14 @@ void experts_down_small(float* ffn_out, int num_slots, const float* h, int ld_h,
     argument_error("experts_down_small", "intermediate sizes must be multiples of 8");
   const int num_pairs = num_tokens * top_k;
   const int routed_groups = num_experts > 0 ? std::min(num_experts, num_pairs) : 0;
-  const int blocks_per_routed = ceil_div(hidden, k_small_warps);
-  const int dense_blocks = w.dense_down != nullptr ? blocks_per_routed : 0;
-  const int blocks = routed_groups * blocks_per_routed + dense_blocks;
-  if (blocks == 0) return;
   dispatch_max_tokens(num_tokens, [&]<int MAXT>() {
-    launch_kernel(down_small_kernel<MAXT>, blocks, k_small_warps * 32, 0, stream, ffn_out, num_slots, h, ld_h,
-                  topk_weights, w, groups, num_tokens, hidden, top_k, routed_groups, blocks_per_routed);
+    constexpr int R = small_rows_per_warp(MAXT);
+    const int blocks_per_routed = ceil_div(hidden, k_small_warps * R);
+    const int dense_blocks = w.dense_down != nullptr ? blocks_per_routed : 0;
+    const int blocks = routed_groups * blocks_per_routed + dense_blocks;
+    if (blocks > 0)
+      launch_kernel(down_small_kernel<MAXT, R>, blocks, k_small_warps * 32, 0, stream, ffn_out, num_slots, h, ld_h,
+                    topk_weights, w, groups, num_tokens, hidden, top_k, routed_groups, blocks_per_routed);
   });
   CUDA_CHECK_LAUNCH();
 }

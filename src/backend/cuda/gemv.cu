@@ -52,8 +52,9 @@ void gemv(float* y, int ldy, const float* x, const bf16* w, int num_tokens, int 
   if (num_tokens > k_small_batch_max_tokens) argument_error("gemv", "more tokens than the small-batch path takes");
   if (k % 8 != 0) argument_error("gemv", "k must be a multiple of 8");
   // Enough warps to keep every SM streaming: one row per warp for small matrices (o_proj, q/k/v), four
-  // for large ones (the LM head), where fewer, longer warps cost less.
-  if (n >= 32768) launch_gemv<4>(y, ldy, x, w, num_tokens, n, k, accumulate, stream);
+  // for large ones (the LM head), where fewer, longer warps cost less, and with 4 or more tokens (rows
+  // share each activation load: small_rows_per_warp in gemv.cuh).
+  if (n >= 32768 || num_tokens >= 4) launch_gemv<4>(y, ldy, x, w, num_tokens, n, k, accumulate, stream);
   else if (n >= 8192) launch_gemv<2>(y, ldy, x, w, num_tokens, n, k, accumulate, stream);
   else launch_gemv<1>(y, ldy, x, w, num_tokens, n, k, accumulate, stream);
 }

@@ -52,6 +52,12 @@ __device__ __forceinline__ void warp_dot_rows(float (&acc)[MAXT][ROWS], const bf
       if (t < n) acc[t][r] = warp_sum(acc[t][r]);
 }
 
+// Weight rows a warp takes at once in the small path: with 4 or more tokens, 4 rows share each load of
+// the activations (each 16 bytes of weights meet MAXT x 32 bytes of activations from L1, which at 8
+// tokens would otherwise bound the kernel by L1, not memory); fewer tokens keep one row (gate and up:
+// one column), so that more warps stream.
+constexpr int small_rows_per_warp(int max_tokens) { return max_tokens >= 4 ? 4 : 1; }
+
 // Calls f.template operator()<MAXT>() with the smallest MAXT in {1, 2, 4, 8} that holds n tokens, so a
 // single-token decode keeps few registers.
 template <typename F>
