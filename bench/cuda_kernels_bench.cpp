@@ -29,6 +29,29 @@ bool skip_without_gpu(benchmark::State& state) {
   return true;
 }
 
+// Times every iteration of `run` (kernel launches on the default stream) with CUDA events, as the
+// benchmark's manual time; returns the seconds summed over the iterations.
+template <typename Run>
+double time_with_events(benchmark::State& state, Run&& run) {
+  cudaEvent_t start, stop;
+  CUDA_CHECK(cudaEventCreate(&start));
+  CUDA_CHECK(cudaEventCreate(&stop));
+  double total_s = 0.0;
+  for (auto _ : state) {
+    CUDA_CHECK(cudaEventRecord(start, nullptr));
+    run();
+    CUDA_CHECK(cudaEventRecord(stop, nullptr));
+    CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0.0f;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    state.SetIterationTime(ms * 1e-3);
+    total_s += ms * 1e-3;
+  }
+  CUDA_CHECK(cudaEventDestroy(start));
+  CUDA_CHECK(cudaEventDestroy(stop));
+  return total_s;
+}
+
 // Prefill attention of one sequence of `tokens` tokens from position 0 (the whole prompt in one pass):
 // tiles of 64 rows, cache blocks of 16 in shuffled order. Args: tokens, heads, kv heads, head_dim, cache
 // element (0: bf16, the tensor-core kernel where head_dim allows; 1: f32, the CUDA-core kernel).
@@ -98,20 +121,7 @@ void BM_AttentionPrefill(benchmark::State& state) {
                                 kv_heads, hd, nullptr);
   };
   run();  // warm-up (and the opt-in to large shared memory)
-  cudaEvent_t start, stop;
-  CUDA_CHECK(cudaEventCreate(&start));
-  CUDA_CHECK(cudaEventCreate(&stop));
-  for (auto _ : state) {
-    CUDA_CHECK(cudaEventRecord(start));
-    run();
-    CUDA_CHECK(cudaEventRecord(stop));
-    CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0.0f;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    state.SetIterationTime(ms / 1e3);
-  }
-  CUDA_CHECK(cudaEventDestroy(start));
-  CUDA_CHECK(cudaEventDestroy(stop));
+  time_with_events(state, run);
 
   std::vector<float> out(q_elems);
   d_out.download(out.data(), out.size());
@@ -128,6 +138,99 @@ BENCHMARK(BM_AttentionPrefill)
     ->Args({2048, 16, 16, 128, 0})
     ->Args({2048, 16, 16, 128, 1})
     ->Args({4096, 32, 4, 128, 0})
+    ->UseManualTime()
+    ->Unit(benchmark::kMicrosecond);
+
+// The large path's grouped expert GEMMs (experts_gate_up_grouped + experts_down_grouped, as run_layers
+// calls them) at Qwen1.5-MoE-A2.7B's shapes: hidden 2048, 60 experts, moe_intermediate 1408, top-4, with
+// random routes (top_k distinct experts per token, uniform). Args: tokens, two activation terms (1:
+// --matmul-precision high). Time per iteration: CUDA events around the two launches. Counters:
+// GB/s = bytes of the experts the step touches (gate/up and down of each expert with a pair) per second,
+// of_floor = that against the device's read bandwidth (measured once, the way `moescope bench` does),
+// TFLOP/s = 2 * pairs * 3 * inter * hidden per second (the model's products, one term), rows/expert =
+// pairs / touched experts.
+void BM_CudaExpertsGrouped(benchmark::State& state) {
+  namespace cuda = moescope::cuda;
+  if (skip_without_gpu(state)) return;
+  constexpr int hidden = 2048, experts = 60, inter = 1408, top_k = 4;
+  const int tokens = static_cast<int>(state.range(0)), pairs = tokens * top_k;
+  const bool split = state.range(1) != 0;
+  // The weights (1 GiB: well past the L2) are shared by every case; values do not change the timing
+  // (0x3c3c: about 0.0115, no denormals).
+  struct Weights {
+    cuda::DeviceBuffer<uint16_t> gate_up{static_cast<size_t>(experts) * 2 * inter * hidden};
+    cuda::DeviceBuffer<uint16_t> down{static_cast<size_t>(experts) * hidden * inter};
+    double read_gb_per_s = 0.0;
+    Weights() {
+      CUDA_CHECK(cudaMemset(gate_up.data(), 0x3c, gate_up.bytes()));
+      CUDA_CHECK(cudaMemset(down.data(), 0x3c, down.bytes()));
+      read_gb_per_s = cuda::measure_read_bandwidth(size_t{2} << 30, 5).best_gb_per_s;
+    }
+  };
+  static Weights weights;
+  cuda::ExpertWeights w;
+  w.gate_up = weights.gate_up.data();
+  w.down = weights.down.data();
+  w.inter = inter;
+
+  std::mt19937 rng(static_cast<unsigned>(tokens));
+  std::vector<int32_t> ids(static_cast<size_t>(pairs));
+  std::vector<int32_t> order(experts);
+  std::iota(order.begin(), order.end(), 0);
+  std::vector<bool> touched(experts, false);
+  for (int t = 0; t < tokens; ++t) {
+    std::shuffle(order.begin(), order.end(), rng);
+    for (int j = 0; j < top_k; ++j) {
+      ids[static_cast<size_t>(t) * top_k + j] = order[j];
+      touched[order[j]] = true;
+    }
+  }
+  const auto num_touched = static_cast<int64_t>(std::count(touched.begin(), touched.end(), true));
+
+  cuda::DeviceBuffer<int32_t> d_ids(ids.size());
+  d_ids.upload(ids.data(), ids.size());
+  cuda::DeviceBuffer<float> d_weights(ids.size());
+  CUDA_CHECK(cudaMemset(d_weights.data(), 0, d_weights.bytes()));
+  cuda::DeviceBuffer<int32_t> groups_mem(static_cast<size_t>(cuda::expert_groups_ints(pairs, experts)));
+  const cuda::ExpertGroups groups = cuda::carve_expert_groups(groups_mem.data(), pairs, experts);
+  cuda::align_by_expert(groups, d_ids.data(), pairs, experts, nullptr);
+  const int terms = split ? 2 : 1;
+  cuda::DeviceBuffer<uint16_t> xb(static_cast<size_t>(tokens) * hidden * terms);
+  cuda::DeviceBuffer<uint16_t> hb(static_cast<size_t>(pairs) * inter * terms);
+  cuda::DeviceBuffer<float> ffn_out(static_cast<size_t>(pairs) * hidden);
+  CUDA_CHECK(cudaMemset(xb.data(), 0x3c, xb.bytes()));
+  const cuda::Bf16Pair x_pair{xb.data(), split ? xb.data() + static_cast<size_t>(tokens) * hidden : nullptr};
+  const cuda::Bf16Pair h_pair{hb.data(), split ? hb.data() + static_cast<size_t>(pairs) * inter : nullptr};
+  auto run = [&] {
+    cuda::experts_gate_up_grouped(h_pair, x_pair, w, groups, tokens, hidden, experts, top_k, nullptr);
+    cuda::experts_down_grouped(ffn_out.data(), top_k, h_pair, d_weights.data(), w, groups, tokens, hidden, experts,
+                               top_k, nullptr);
+  };
+  run();  // warm-up (and the kernels' one-time attribute calls)
+  CUDA_CHECK(cudaDeviceSynchronize());
+
+  const double total_s = time_with_events(state, run);
+
+  const double iterations = static_cast<double>(state.iterations());
+  const double bytes = static_cast<double>(num_touched) * 3.0 * inter * hidden * sizeof(uint16_t);
+  const double flops = 2.0 * pairs * 3.0 * inter * hidden;
+  const double gb_per_s = total_s > 0 ? bytes * iterations / total_s * 1e-9 : 0.0;
+  state.counters["GB/s"] = gb_per_s;
+  state.counters["of_floor"] = weights.read_gb_per_s > 0 ? gb_per_s / weights.read_gb_per_s : 0.0;
+  state.counters["TFLOP/s"] = total_s > 0 ? flops * iterations / total_s * 1e-12 : 0.0;
+  state.counters["touched"] = static_cast<double>(num_touched);
+  state.counters["rows/expert"] = static_cast<double>(pairs) / static_cast<double>(num_touched);
+}
+BENCHMARK(BM_CudaExpertsGrouped)
+    ->ArgNames({"tokens", "high"})
+    ->Args({16, 0})
+    ->Args({64, 0})
+    ->Args({256, 0})
+    ->Args({512, 0})
+    ->Args({1024, 0})
+    ->Args({2048, 0})
+    ->Args({64, 1})
+    ->Args({2048, 1})
     ->UseManualTime()
     ->Unit(benchmark::kMicrosecond);
 

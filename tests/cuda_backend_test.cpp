@@ -484,33 +484,29 @@ TEST_F(CudaBackendTest, DeviceTalliesRecordWhatTheRoutesRecordUnderGraphs) {
 }
 
 // MOESCOPE_CUDA_TWICE (a timing diagnostic) names stages; a name it does not know is one clear error.
-TEST_F(CudaBackendTest, UnknownStageInTheTimingDiagnosticIsAClearError) {
+// Constructing a backend with the environment variable `name` set to `value` fails with `message`.
+void expect_environment_error(const char* name, const char* value, const std::string& message) {
   Json reference;
   const auto weights = load_fixture("qwen2_moe_gqa_shared", &reference);
   ASSERT_TRUE(weights);
-  ::setenv("MOESCOPE_CUDA_TWICE", "attention,bogus", 1);
+  ::setenv(name, value, 1);
   try {
     cuda::CudaBackend gpu(weights, small_options(8));
-    ADD_FAILURE() << "an unknown stage was accepted";
+    ADD_FAILURE() << name << "=" << value << " was accepted";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("unknown stage 'bogus'"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find(message), std::string::npos) << e.what();
   }
-  ::unsetenv("MOESCOPE_CUDA_TWICE");
+  ::unsetenv(name);
+}
+
+TEST_F(CudaBackendTest, UnknownStageInTheTimingDiagnosticIsAClearError) {
+  expect_environment_error("MOESCOPE_CUDA_TWICE", "attention,bogus", "unknown stage 'bogus'");
 }
 
 TEST_F(CudaBackendTest, BadProgrammaticLaunchSwitchIsAClearError) {
-  Json reference;
-  const auto weights = load_fixture("qwen2_moe_gqa_shared", &reference);
-  ASSERT_TRUE(weights);
-  ::setenv("MOESCOPE_CUDA_PDL", "yes", 1);
-  try {
-    cuda::CudaBackend gpu(weights, small_options(8));
-    ADD_FAILURE() << "MOESCOPE_CUDA_PDL=yes was accepted";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("MOESCOPE_CUDA_PDL=yes: expected 0 or 1"), std::string::npos) << e.what();
-  }
-  ::unsetenv("MOESCOPE_CUDA_PDL");
+  expect_environment_error("MOESCOPE_CUDA_PDL", "yes", "MOESCOPE_CUDA_PDL=yes: expected 0 or 1");
 }
+
 
 TEST_F(CudaBackendTest, KvCacheFullIsAClearErrorAndFreedBlocksAreReused) {
   Json reference;

@@ -152,6 +152,27 @@ __global__ void __launch_bounds__(k_threads)
   }
 }
 
+// A decode row's end: the block's k_warps partial softmaxes (running max, sum and unnormalised output of
+// head_dim values each, in shared memory after a barrier) merged into the row's output at `at`.
+template <int PITCH>
+__device__ __forceinline__ void merge_warps(float* out, const Bf16Pair& out_bf16, int64_t at, int hd,
+                                            const float* part_m, const float* part_l, const float (*part_acc)[PITCH]) {
+  float m_all = -INFINITY;
+  for (int w = 0; w < k_warps; ++w) m_all = fmaxf(m_all, part_m[w]);
+  float l_all = 0.0f, scale_w[k_warps];
+  for (int w = 0; w < k_warps; ++w) {
+    scale_w[w] = part_m[w] == -INFINITY ? 0.0f : expf(part_m[w] - m_all);  // a warp with no positions adds nothing
+    l_all += part_l[w] * scale_w[w];
+  }
+  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+    float o = 0.0f;
+    for (int w = 0; w < k_warps; ++w) o += part_acc[w][d] * scale_w[w];
+    o /= l_all;
+    out[at + d] = o;
+    if (out_bf16.hi != nullptr) store_bf16(out_bf16, at + d, o);
+  }
+}
+
 // grid (num_decode, num_heads). Warp w takes key blocks w, w + 8, ...; the eight partial softmaxes are
 // merged at the end.
 template <int NCH, typename CacheT>
@@ -240,21 +261,7 @@ __global__ void __launch_bounds__(k_threads)
     if (d < hd) part_acc[warp][d] = acc[c];
   }
   __syncthreads();
-  float m_all = -INFINITY;
-  for (int w = 0; w < k_warps; ++w) m_all = fmaxf(m_all, part_m[w]);
-  float l_all = 0.0f, scale_w[k_warps];
-  for (int w = 0; w < k_warps; ++w) {
-    scale_w[w] = part_m[w] == -INFINITY ? 0.0f : expf(part_m[w] - m_all);  // a warp with no keys adds nothing
-    l_all += part_l[w] * scale_w[w];
-  }
-  const int64_t at = static_cast<int64_t>(row) * q_size + h * hd;
-  for (int d = tid; d < hd; d += k_threads) {
-    float o = 0.0f;
-    for (int w = 0; w < k_warps; ++w) o += part_acc[w][d] * scale_w[w];
-    o /= l_all;
-    out[at + d] = o;
-    if (out_bf16.hi != nullptr) store_bf16(out_bf16, at + d, o);
-  }
+  merge_warps(out, out_bf16, static_cast<int64_t>(row) * q_size + h * hd, hd, part_m, part_l, part_acc);
 }
 
 // ---- prefill on the tensor cores: bf16 cache, head_dim a multiple of 16, at most 128 --------------------
@@ -610,21 +617,7 @@ __global__ void __launch_bounds__(k_threads)
 #pragma unroll
     for (int i = 0; i < VEC; ++i) part_acc[warp][chunk * VEC + i] = acc[i];
   __syncthreads();
-  float m_all = -INFINITY;
-  for (int w = 0; w < k_warps; ++w) m_all = fmaxf(m_all, part_m[w]);
-  float l_all = 0.0f, scale_w[k_warps];
-  for (int w = 0; w < k_warps; ++w) {
-    scale_w[w] = part_m[w] == -INFINITY ? 0.0f : expf(part_m[w] - m_all);  // a warp with no positions adds nothing
-    l_all += part_l[w] * scale_w[w];
-  }
-  const int64_t at = static_cast<int64_t>(row) * q_size + h * hd;
-  for (int d = threadIdx.x; d < hd; d += k_threads) {
-    float o = 0.0f;
-    for (int w = 0; w < k_warps; ++w) o += part_acc[w][d] * scale_w[w];
-    o /= l_all;
-    out[at + d] = o;
-    if (out_bf16.hi != nullptr) store_bf16(out_bf16, at + d, o);
-  }
+  merge_warps(out, out_bf16, static_cast<int64_t>(row) * q_size + h * hd, hd, part_m, part_l, part_acc);
 }
 
 // The vectorised decode kernel for this cache and head size, or nullptr where a row is not a power of two
