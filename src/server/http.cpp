@@ -12,6 +12,7 @@
 #include <boost/asio/write.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <chrono>
 #include <cstring>
 
 #include "util/error.h"
@@ -24,6 +25,7 @@ namespace beast = boost::beast;
 namespace http = boost::beast::http;
 
 constexpr int k_idle_seconds = 60;  // a keep-alive connection with no request for this long is closed
+constexpr std::chrono::seconds k_close_grace{5};  // close(): how long sessions may take to write what they owe
 
 int hex_value(char c) {
   if (c >= '0' && c <= '9') return c - '0';
@@ -131,8 +133,14 @@ void HttpListener::stop() { stopping_.store(true); }
 void HttpListener::close() {
   stopping_.store(true);
   std::unique_lock lock(mutex_);
-  for (int fd : open_) ::shutdown(fd, SHUT_RDWR);  // blocked reads and writes return at once
-  sessions_done_.wait(lock, [&] { return sessions_ == 0; });
+  // Reads end at once (an idle keep-alive connection sees the end of its stream), while what a session is
+  // still writing goes out: a stream's last chunks after the engine answered "shutting down", and its
+  // [DONE]. Whatever is still open after the grace period is cut.
+  for (int fd : open_) ::shutdown(fd, SHUT_RD);
+  if (!sessions_done_.wait_for(lock, k_close_grace, [&] { return sessions_ == 0; })) {
+    for (int fd : open_) ::shutdown(fd, SHUT_RDWR);  // blocked writes return at once
+    sessions_done_.wait(lock, [&] { return sessions_ == 0; });
+  }
   if (listen_fd_ >= 0) ::close(listen_fd_);
   listen_fd_ = -1;
 }
