@@ -22,23 +22,6 @@ constexpr int k_rows_per_warp = k_prefill_tile_rows / k_warps;  // prefill rows 
 constexpr int k_max_head_dim = 256;
 constexpr int k_value_chunk = 16;  // decode: positions whose values are loaded together
 
-// Eight consecutive cached values (16 bytes of bf16, or 32 of f32) as floats.
-__device__ __forceinline__ void load8(const bf16* at, float out[8]) {
-  const uint4 w = __ldcg(reinterpret_cast<const uint4*>(at));
-  const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    out[2 * i] = bf16_lo(ws[i]);
-    out[2 * i + 1] = bf16_hi(ws[i]);
-  }
-}
-__device__ __forceinline__ void load8(const float* at, float out[8]) {
-  const float4 a = __ldcg(reinterpret_cast<const float4*>(at)), b = __ldcg(reinterpret_cast<const float4*>(at) + 1);
-  out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
-}
-__device__ __forceinline__ float load1(const bf16* at) { return bf16_to_float(*at); }
-__device__ __forceinline__ float load1(const float* at) { return *at; }
-
 // 16 bytes of cached values as floats: 8 bf16 or 4 f32.
 __device__ __forceinline__ void unpack16(uint4 w, float (&out)[8]) {
   const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
@@ -51,6 +34,17 @@ __device__ __forceinline__ void unpack16(uint4 w, float (&out)[8]) {
 __device__ __forceinline__ void unpack16(uint4 w, float (&out)[4]) {
   out[0] = __uint_as_float(w.x), out[1] = __uint_as_float(w.y), out[2] = __uint_as_float(w.z), out[3] = __uint_as_float(w.w);
 }
+
+// Eight consecutive cached values (16 bytes of bf16, or 32 of f32) as floats.
+__device__ __forceinline__ void load8(const bf16* at, float (&out)[8]) {
+  unpack16(__ldcg(reinterpret_cast<const uint4*>(at)), out);
+}
+__device__ __forceinline__ void load8(const float* at, float (&out)[8]) {
+  const float4 a = __ldcg(reinterpret_cast<const float4*>(at)), b = __ldcg(reinterpret_cast<const float4*>(at) + 1);
+  out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+}
+__device__ __forceinline__ float load1(const bf16* at) { return bf16_to_float(*at); }
+__device__ __forceinline__ float load1(const float* at) { return *at; }
 
 __device__ __forceinline__ int64_t cache_row(const int32_t* block_table, int block_size, int pos) {
   return static_cast<int64_t>(block_table[pos / block_size]) * block_size + pos % block_size;

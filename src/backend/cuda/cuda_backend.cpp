@@ -553,11 +553,11 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
   int moe_index = 0;
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     const DeviceLayer& L = layers[l];
-    const bool f32_cache = options.kv_cache_f32;
-    bf16* k_cache_l = f32_cache ? nullptr : k_cache.data() + l * layer_cache;
-    bf16* v_cache_l = f32_cache ? nullptr : v_cache.data() + l * layer_cache;
-    float* k_cache32_l = f32_cache ? k_cache32.data() + l * layer_cache : nullptr;
-    float* v_cache32_l = f32_cache ? v_cache32.data() + l * layer_cache : nullptr;
+    // f(k, v) with this layer's part of the KV cache, f32 (--kv-cache-dtype float32) or bf16.
+    auto with_cache = [&](auto&& f) {
+      if (options.kv_cache_f32) f(k_cache32.data() + l * layer_cache, v_cache32.data() + l * layer_cache);
+      else f(k_cache.data() + l * layer_cache, v_cache.data() + l * layer_cache);
+    };
     for (int r = reps("input_norm"); r-- > 0;)
       rms_norm(p.h, small ? Bf16Pair{} : p.h_bf16, p.x, nullptr, T, hidden, L.input_layernorm, c.rms_norm_eps, pending,
                stream);                                                                        // residual += ffn; pre-norm
@@ -570,16 +570,15 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
     const QkvParams qp{c.num_attention_heads, c.num_key_value_heads, c.head_dim, L.qkv_bias, qk_norm, L.q_norm,
                        L.k_norm, c.rms_norm_eps, c.clip_qkv, rope_inv_freq};
     for (int r = reps("qkv_rope_cache"); r-- > 0;)
-      if (f32_cache) qkv_rope_cache(p.q, k_cache32_l, v_cache32_l, p.qkv, d_token_pos, d_slots, T, qp, stream);
-      else qkv_rope_cache(p.q, k_cache_l, v_cache_l, p.qkv, d_token_pos, d_slots, T, qp, stream);  // bias, norm, RoPE, cache
+      with_cache([&](auto* k_cache_l, auto* v_cache_l) {
+        qkv_rope_cache(p.q, k_cache_l, v_cache_l, p.qkv, d_token_pos, d_slots, T, qp, stream);  // bias, norm, RoPE, cache
+      });
     mark("qkv_rope_cache");
     for (int r = reps("attention"); r-- > 0;)
-      if (f32_cache)
-        attention(p.attn, small ? Bf16Pair{} : p.attn_bf16, p.q, k_cache32_l, v_cache32_l, ab, c.num_attention_heads,
-                  c.num_key_value_heads, c.head_dim, stream);
-      else
+      with_cache([&](auto* k_cache_l, auto* v_cache_l) {
         attention(p.attn, small ? Bf16Pair{} : p.attn_bf16, p.q, k_cache_l, v_cache_l, ab, c.num_attention_heads,
                   c.num_key_value_heads, c.head_dim, stream);                                  // causal GQA
+      });
     mark("attention");
     for (int r = reps("o_proj"); r-- > 0;) {
       if (small) gemv(p.x, hidden, p.attn, L.o_proj, T, hidden, q_size, true, stream);        // residual += o_proj

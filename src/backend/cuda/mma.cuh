@@ -29,8 +29,6 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ uint32_t lds32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
-
 // Four 8x8 bf16 matrices from shared memory: lane 8 i + r gives the address of row r of matrix i (16
 // bytes, 16-byte aligned), and register i receives matrix i in the layout of a C fragment's half:
 // lane (g, tq) gets M_i[g][2tq, 2tq+1]. With .trans it gets M_i[2tq][g], M_i[2tq+1][g] instead, which
