@@ -365,7 +365,8 @@ TEST_F(CudaBackendTest, DecodeGraphsGiveTheEagerResultsBitForBit) {
   ASSERT_TRUE(weights);
   cuda::CudaBackendOptions graph_options = small_options(8), eager_options = small_options(8);
   eager_options.cuda_graphs = false;
-  cuda::CudaBackend graphs(weights, graph_options), eager(weights, eager_options), plain(weights, graph_options);
+  cuda::CudaBackend graphs(weights, graph_options), eager(weights, eager_options), plain(weights, graph_options),
+      greedy(weights, graph_options);  // forward_greedy: the argmax on the device, from graphs too
   const bool programmatic = cuda::programmatic_launch();  // as the backends set it for this GPU
   std::printf("  programmatic dependent launch: %s\n", programmatic ? "on" : "off (GPU before sm_90 or MOESCOPE_CUDA_PDL=0)");
   auto plain_forward = [&](const Batch& batch, RoutingSink* sink, std::vector<float>& logits) {
@@ -381,53 +382,69 @@ TEST_F(CudaBackendTest, DecodeGraphsGiveTheEagerResultsBitForBit) {
       prompts.back().resize(base.size() - static_cast<size_t>(b % 5));  // different lengths
       prompts.back()[0] = static_cast<int32_t>(3 + b);
     }
-    std::vector<int> cache_g, cache_e, cache_p;
-    Batch prefill_g, prefill_e, prefill_p;
+    std::vector<int> cache_g, cache_e, cache_p, cache_d;
+    Batch prefill_g, prefill_e, prefill_p, prefill_d;
     for (int b = 0; b < batch_size; ++b) {
       cache_g.push_back(graphs.create_cache());
       cache_e.push_back(eager.create_cache());
       cache_p.push_back(plain.create_cache());
+      cache_d.push_back(greedy.create_cache());
       prefill_g.sequences.push_back({cache_g.back(), 0, prompts[b], fmt::format("s{}", b)});
       prefill_e.sequences.push_back({cache_e.back(), 0, prompts[b], fmt::format("s{}", b)});
       prefill_p.sequences.push_back({cache_p.back(), 0, prompts[b], fmt::format("s{}", b)});
+      prefill_d.sequences.push_back({cache_d.back(), 0, prompts[b], fmt::format("s{}", b)});
     }
     std::vector<float> logits_g, logits_e, logits_p;
+    std::vector<int32_t> tokens_d;
     graphs.forward(prefill_g, nullptr, logits_g);
     eager.forward(prefill_e, nullptr, logits_e);
     plain_forward(prefill_p, nullptr, logits_p);
+    greedy.forward_greedy(prefill_d, nullptr, tokens_d);
     ASSERT_EQ(logits_g, logits_e);
     ASSERT_EQ(logits_p, logits_e) << "prefill launched plainly";
+    const int vocab = weights->config.vocab_size;
+    auto argmax_rows = [&](const std::vector<float>& logits) {
+      std::vector<int32_t> ids(static_cast<size_t>(batch_size));
+      for (int b = 0; b < batch_size; ++b)
+        ids[b] = argmax(std::span<const float>(logits.data() + static_cast<size_t>(b) * vocab, vocab));
+      return ids;
+    };
+    ASSERT_EQ(tokens_d, argmax_rows(logits_e)) << "prefill, greedy on the device";
     std::vector<int32_t> next(batch_size);
     std::vector<int32_t> pos(batch_size);
     for (int b = 0; b < batch_size; ++b) pos[b] = static_cast<int32_t>(prompts[b].size());
     for (int step = 0; step < 6; ++step) {
-      Batch dg, de, dp;
+      Batch dg, de, dp, dd;
+      next = argmax_rows(logits_e);
       for (int b = 0; b < batch_size; ++b) {
-        next[b] = argmax(std::span<const float>(logits_e.data() + static_cast<size_t>(b) * weights->config.vocab_size,
-                                                weights->config.vocab_size));
         dg.sequences.push_back({cache_g[b], pos[b], std::span<const int32_t>(&next[b], 1), fmt::format("s{}", b)});
         de.sequences.push_back({cache_e[b], pos[b], std::span<const int32_t>(&next[b], 1), fmt::format("s{}", b)});
         dp.sequences.push_back({cache_p[b], pos[b], std::span<const int32_t>(&next[b], 1), fmt::format("s{}", b)});
+        dd.sequences.push_back({cache_d[b], pos[b], std::span<const int32_t>(&next[b], 1), fmt::format("s{}", b)});
         ++pos[b];
       }
-      test::CaptureSink sink_g, sink_e, sink_p;
+      test::CaptureSink sink_g, sink_e, sink_p, sink_d;
       graphs.forward(dg, &sink_g, logits_g);
       eager.forward(de, &sink_e, logits_e);
       plain_forward(dp, &sink_p, logits_p);
+      greedy.forward_greedy(dd, &sink_d, tokens_d);
       ASSERT_EQ(logits_g, logits_e) << "batch " << batch_size << " decode step " << step;
       ASSERT_EQ(logits_p, logits_e) << "batch " << batch_size << " decode step " << step << ", graphs launched plainly";
+      ASSERT_EQ(tokens_d, argmax_rows(logits_e)) << "batch " << batch_size << " decode step " << step << ", greedy on the device";
       for (const auto& [layer, routes] : sink_e.routes) {
         EXPECT_EQ(sink_g.routes[layer].ids, routes.ids) << "layer " << layer;
         EXPECT_EQ(sink_g.routes[layer].weights, routes.weights) << "layer " << layer;
         EXPECT_EQ(sink_p.routes[layer].ids, routes.ids) << "layer " << layer << ", launched plainly";
+        EXPECT_EQ(sink_d.routes[layer].ids, routes.ids) << "layer " << layer << ", greedy on the device";
       }
     }
     std::printf("  batch %d: 6 decode steps from graphs (with and without programmatic launch) equal the eager "
-                "launches bit for bit\n", batch_size);
+                "launches bit for bit; the device's greedy ids are the argmax of the eager logits\n", batch_size);
     for (int b = 0; b < batch_size; ++b) {
       graphs.free_cache(cache_g[b]);
       eager.free_cache(cache_e[b]);
       plain.free_cache(cache_p[b]);
+      greedy.free_cache(cache_d[b]);
     }
   }
 }

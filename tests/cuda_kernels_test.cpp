@@ -438,14 +438,17 @@ MoeRun run_moe_on_gpu(const MoeCase& cs, const MoeWeights& mw, const std::vector
   } else {
     DeviceBuffer<uint16_t> hb_mem(static_cast<size_t>(P) * cs.inter * 2);
     const cuda::Bf16Pair hb{hb_mem.data(), high ? hb_mem.data() + static_cast<size_t>(P) * cs.inter : nullptr};
-    cuda::experts_gate_up_grouped(hb, xb, ew, groups, T, H, cs.experts, cs.top_k, nullptr);
-    cuda::experts_down_grouped(d_ffn.data(), slots, hb, d_wts.data(), ew, groups, T, H, cs.experts, cs.top_k, nullptr);
-    if (shared) {
+    DeviceBuffer<uint16_t> act_mem(static_cast<size_t>(T) * cs.shared_inter * 2);
+    const cuda::Bf16Pair act{act_mem.data(), high ? act_mem.data() + static_cast<size_t>(T) * cs.shared_inter : nullptr};
+    // As the backend: the shared expert in the grouped launches for decode-sized passes, else cuBLAS.
+    const bool dense_grouped = shared && cuda::grouped_takes_dense(T, cs.experts, cs.top_k);
+    cuda::experts_gate_up_grouped(hb, xb, ew, groups, T, H, cs.experts, cs.top_k, nullptr,
+                                  dense_grouped ? act : cuda::Bf16Pair{});
+    cuda::experts_down_grouped(d_ffn.data(), slots, hb, d_wts.data(), ew, groups, T, H, cs.experts, cs.top_k, nullptr,
+                               dense_grouped ? cuda::ConstBf16Pair(act) : cuda::ConstBf16Pair{});
+    if (shared && !dense_grouped) {
       cuda::Blas blas;
       DeviceBuffer<float> gu(static_cast<size_t>(T) * 2 * cs.shared_inter);
-      DeviceBuffer<uint16_t> act_mem(static_cast<size_t>(T) * cs.shared_inter * 2);
-      const cuda::Bf16Pair act{act_mem.data(),
-                               high ? act_mem.data() + static_cast<size_t>(T) * cs.shared_inter : nullptr};
       blas.gemm(gu.data(), 2 * cs.shared_inter, xb, ew.dense_gate_up, T, 2 * cs.shared_inter, H, 0.0f);
       cuda::swiglu_bf16(act, gu.data(), T, cs.shared_inter, nullptr);
       blas.gemm(d_ffn.data() + static_cast<size_t>(cs.top_k) * H, slots * H, act, ew.dense_down, T, H,
@@ -503,7 +506,9 @@ TEST_F(CudaKernels, MoeBlockSmallPathMatchesCpuMoe) {
 // below or between multiples of the tile's columns (inter 32, 48, 96: 64 gate/up columns per tile; hidden 64,
 // 192: 128 down columns) and the k tiles (inter 48 against 64, 96 against 32), and the real shapes of
 // Qwen1.5-MoE-A2.7B (hidden 2048, 60 experts, inter 1408, top-4) at 64 and 512 tokens (64-row tiles) and
-// 2048 x 8 experts top-2 at 600 tokens (150 pairs per expert: 128-row tiles, two per expert).
+// 2048 x 8 experts top-2 at 600 tokens (150 pairs per expert: 128-row tiles, two per expert). A shared
+// expert goes into the grouped launches with 64-row tiles (cuda::grouped_takes_dense: 37, 130, 64 and 512
+// tokens, the last 2 of 130 in a tile of their own) and through cuBLAS with 128-row tiles (500 tokens).
 const std::vector<MoeCase>& large_path_cases() {
   static const std::vector<MoeCase> cases = {
       // 64-row tiles: 9, 50 pairs per expert on average
@@ -511,8 +516,8 @@ const std::vector<MoeCase>& large_path_cases() {
       MoeCase{9, 128, 12, 3, 32, 0, true},
       MoeCase{130, 2048, 16, 4, 1408, 5632, false},
       MoeCase{100, 192, 6, 2, 48, 0, true},  // 33 pairs per expert
-      MoeCase{64, 2048, 60, 4, 1408, 0, true},
-      MoeCase{512, 2048, 60, 4, 1408, 0, true},
+      MoeCase{64, 2048, 60, 4, 1408, 5632, true},
+      MoeCase{512, 2048, 60, 4, 1408, 5632, true},
       // 128-row tiles: 50, 150, 167 pairs per expert on average
       MoeCase{200, 256, 16, 4, 48, 0, true},
       MoeCase{600, 2048, 8, 2, 1408, 0, true},
@@ -816,6 +821,50 @@ TEST_F(CudaKernels, AttentionMatchesCpuAttentionOverPagedCache) {
       expect_close("  ... cached k and v", got_kv, ref_kv, 8e-3);
     }
   }
+}
+
+// --- greedy sampling on the device ------------------------------------------------------------------------
+
+// torch.argmax: the first NaN if the row has one, else the first largest value.
+int32_t torch_argmax(std::span<const float> row) {
+  for (size_t i = 0; i < row.size(); ++i)
+    if (std::isnan(row[i])) return static_cast<int32_t>(i);
+  return static_cast<int32_t>(std::max_element(row.begin(), row.end()) - row.begin());
+}
+
+TEST_F(CudaKernels, GreedyKeysPickTheFirstLargestLogitLikeTorchArgmax) {
+  std::mt19937 rng(41);
+  for (const int vocab : {1, 37, 8192, 8193, 151936}) {
+    const int rows = 9;
+    std::vector<float> logits = random_f32(static_cast<size_t>(rows) * vocab, rng, 4.0f);
+    auto row = [&](int r) { return std::span<float>(logits.data() + static_cast<size_t>(r) * vocab, vocab); };
+    std::uniform_int_distribution<int> pick(0, vocab - 1);
+    // Row 1: the largest value twice (the first must win, in whichever block each falls); row 2: it at the
+    // very end; row 3: all equal; row 4: negative values only; row 5: -inf everywhere but one +inf; row 6:
+    // a NaN; row 7: -0.0 and +0.0 tied at the top (equal as floats: the first wins).
+    const int a = pick(rng), b = pick(rng);
+    row(1)[a] = 100.0f;
+    row(1)[b] = 100.0f;
+    row(2)[vocab - 1] = 100.0f;
+    std::fill(row(3).begin(), row(3).end(), 0.5f);
+    for (float& v : row(4)) v = -std::fabs(v) - 1.0f;
+    std::fill(row(5).begin(), row(5).end(), -INFINITY);
+    row(5)[b] = INFINITY;
+    row(6)[a] = NAN;
+    for (float& v : row(7)) v = -std::fabs(v) - 1.0f;
+    row(7)[b] = -0.0f;
+    row(7)[a] = 0.0f;
+    const auto d_logits = to_device(logits);
+    DeviceBuffer<unsigned long long> d_keys(rows);
+    cuda::greedy_keys(d_keys.data(), d_logits.data(), rows, vocab, nullptr);
+    const std::vector<unsigned long long> keys = to_host(d_keys, rows);
+    for (int r = 0; r < rows; ++r) {
+      int32_t want = torch_argmax(row(r));
+      if (r == 7 && vocab > 1) want = std::min(a, b);  // -0.0 == +0.0: the first of the two
+      EXPECT_EQ(cuda::greedy_token(keys[r]), want) << "vocab " << vocab << " row " << r;
+    }
+  }
+  std::printf("  9 rows per vocabulary of 1, 37, 8192, 8193 and 151936 logits: each row's argmax as torch.argmax\n");
 }
 
 TEST_F(CudaKernels, ReadBandwidthIsMeasured) {

@@ -49,6 +49,10 @@ class Backend {
   // sequence. When sink is set and wants the pass, it sees begin_pass, every MoE layer's routes in
   // layer order, and end_pass.
   virtual void forward(const Batch& batch, RoutingSink* sink, std::vector<float>& logits) = 0;
+  // forward() for a caller that samples greedily and needs nothing else from the logits: tokens:
+  // [num_sequences], each sequence's largest logit's index, the first on ties (as torch.argmax). A backend
+  // on a device picks them there and copies only the ids; this default scans forward()'s logits.
+  virtual void forward_greedy(const Batch& batch, RoutingSink* sink, std::vector<int32_t>& tokens);
   // The engine budgets its admissions and preemptions within this, so a pass never finds the cache full.
   virtual KvCapacity kv_capacity() const { return {}; }
 };

@@ -1,11 +1,24 @@
 #include "backend/backend.h"
 
+#include <algorithm>
+
 namespace moescope {
 
 int Batch::num_tokens() const {
   int n = 0;
   for (const auto& s : sequences) n += static_cast<int>(s.tokens.size());
   return n;
+}
+
+void Backend::forward_greedy(const Batch& batch, RoutingSink* sink, std::vector<int32_t>& tokens) {
+  std::vector<float> logits;
+  forward(batch, sink, logits);
+  const size_t vocab = static_cast<size_t>(config().vocab_size);
+  tokens.resize(batch.sequences.size());
+  for (size_t s = 0; s < tokens.size(); ++s) {
+    const float* row = logits.data() + s * vocab;
+    tokens[s] = static_cast<int32_t>(std::max_element(row, row + vocab) - row);
+  }
 }
 
 PassInfo make_pass_info(const Batch& batch) {

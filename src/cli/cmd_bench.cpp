@@ -158,9 +158,9 @@ Json bench_model(const std::filesystem::path& dir, const std::string& label, con
     for (int r = 0; r < a.repeats + 1; ++r) {
       Batch batch;
       for (int s = 0; s < seqs; ++s) batch.sequences.push_back({backend->create_cache(), 0, prompts[static_cast<size_t>(s)], fmt::format("p{}", s)});
-      std::vector<float> logits;
+      std::vector<int32_t> first;
       const auto t0 = std::chrono::steady_clock::now();
-      backend->forward(batch, nullptr, logits);
+      backend->forward_greedy(batch, nullptr, first);  // as the engine runs greedy requests
       const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       for (const BatchSequence& s : batch.sequences) backend->free_cache(s.cache_id);
       if (r > 0) rates.push_back(static_cast<double>(seqs) * n / seconds);
@@ -217,22 +217,21 @@ Json bench_model(const std::filesystem::path& dir, const std::string& label, con
         caches.push_back(backend->create_cache());
         prefill.sequences.push_back({caches.back(), 0, prompts[b], fmt::format("s{}", b)});
       }
-      std::vector<float> logits;
-      backend->forward(prefill, nullptr, logits);
-      std::vector<int32_t> next(batch_size), ids;
+      // Greedy steps as the engine runs them: the backend picks each sequence's argmax (on the GPU, one
+      // id per sequence comes back instead of its logits).
+      std::vector<int32_t> next, sampled, ids;
+      backend->forward_greedy(prefill, nullptr, next);
       ExpertBytesSink sink(expert_bytes);
       double seconds = 0.0;
       for (int step = 0; step < a.decode_tokens; ++step) {
-        for (int b = 0; b < batch_size; ++b) {
-          next[b] = argmax(std::span<const float>(logits.data() + static_cast<size_t>(b) * c.vocab_size, c.vocab_size));
-          ids.push_back(next[b]);
-        }
+        ids.insert(ids.end(), next.begin(), next.end());
         Batch batch;
         for (int b = 0; b < batch_size; ++b)
           batch.sequences.push_back({caches[b], a.prompt_tokens + step, std::span<const int32_t>(&next[b], 1), fmt::format("s{}", b)});
         const auto t0 = std::chrono::steady_clock::now();
-        backend->forward(batch, &sink, logits);
+        backend->forward_greedy(batch, &sink, sampled);
         seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        next.swap(sampled);
       }
       for (int cache : caches) backend->free_cache(cache);
       rates.push_back(static_cast<double>(batch_size) * a.decode_tokens / seconds);

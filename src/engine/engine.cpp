@@ -160,9 +160,16 @@ std::vector<RequestOutput> Engine::step() {
     if (fresh.size() > 1 || seq->num_computed == 0) prefill_tokens += static_cast<int64_t>(fresh.size());
     batch.sequences.push_back({seq->cache_id, seq->num_computed, fresh, seq->request.req_id});
   }
+  // Greedy sequences that want no logprobs need only each row's argmax: the backend picks it (on the GPU,
+  // a copy of S ids instead of S x vocab logits).
+  const bool greedy_only = std::all_of(running_.begin(), running_.end(), [](const auto& seq) {
+    return seq->request.sampling.temperature <= 0.0f && seq->request.logprobs < 0;
+  });
   const auto started = std::chrono::steady_clock::now();
-  std::vector<float> logits;  // [num_sequences, vocab]
-  backend_.forward(batch, sink_, logits);
+  std::vector<float> logits;    // [num_sequences, vocab]
+  std::vector<int32_t> greedy;  // [num_sequences] when greedy_only
+  if (greedy_only) backend_.forward_greedy(batch, sink_, greedy);
+  else backend_.forward(batch, sink_, logits);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   ++timing_.passes;
   if (prefill_tokens > 0) {
@@ -177,9 +184,14 @@ std::vector<RequestOutput> Engine::step() {
   for (size_t s = 0; s < running_.size(); ++s) {
     Sequence& seq = *running_[s];
     seq.num_computed = static_cast<int32_t>(seq.tokens.size());
-    const std::span<const float> row(logits.data() + s * vocab, vocab);
-    TokenEvent event{seq.request.req_id, seq.sampler.sample(row), 0.0f, {}, ""};
-    if (seq.request.logprobs >= 0) fill_logprobs(row, seq.request.logprobs, event);
+    TokenEvent event{seq.request.req_id, -1, 0.0f, {}, ""};
+    if (greedy_only) {
+      event.token = greedy[s];
+    } else {
+      const std::span<const float> row(logits.data() + s * vocab, vocab);
+      event.token = seq.sampler.sample(row);
+      if (seq.request.logprobs >= 0) fill_logprobs(row, seq.request.logprobs, event);
+    }
     const bool eos = is_eos(seq, event.token);
     if (eos) event.token = -1;  // the eos id ends the sequence and is not part of the output
     else seq.tokens.push_back(event.token);

@@ -189,6 +189,7 @@ struct PassBuffers {
   float* h_last = nullptr;         // [S, hidden]
   Bf16Pair h_last_bf16;            // [S, hidden]
   float* logits = nullptr;         // [S, vocab]
+  unsigned long long* greedy = nullptr;  // [S] greedy_keys of the logits (forward_greedy)
   int32_t* routes = nullptr;       // [2, num_moe_layers, T, top_k]: ids, then weights (f32 bits)
   unsigned long long* tallies = nullptr;  // [2, num_moe_layers, num_experts]: selections, then weight sums (2^-32)
 };
@@ -225,6 +226,7 @@ struct CudaBackend::Impl {
   DeviceBuffer<char> workspace;
   PinnedBuffer<int32_t> meta_host;
   PinnedBuffer<float> logits_host;
+  PinnedBuffer<unsigned long long> greedy_host;
   PinnedBuffer<int32_t> routes_host;
   PinnedBuffer<unsigned long long> tallies_host;
   std::vector<int64_t> layer_counts;  // one MoE layer's tallies for RoutingSink::on_counts
@@ -268,7 +270,8 @@ struct CudaBackend::Impl {
   void upload_weights();
   void size_kv_cache();
   PassBuffers carve(Arena& arena, int num_tokens, int num_seqs, size_t meta_ints) const;
-  void forward(const Batch& batch, RoutingSink* sink, std::vector<float>& logits);
+  // One of logits (every row) and tokens (each row's argmax, picked on the device) is given.
+  void forward(const Batch& batch, RoutingSink* sink, std::vector<float>* logits, std::vector<int32_t>* tokens);
   void run_layers(const PassBuffers& p, const PassShape& shape);
   void drop_graphs();
   void mark(const char* stage);
@@ -466,6 +469,7 @@ PassBuffers CudaBackend::Impl::carve(Arena& a, int num_tokens, int num_seqs, siz
   p.h_last = a.take<float>(S * hidden);
   p.h_last_bf16 = take_pair(S * hidden);
   p.logits = a.take<float>(S * static_cast<size_t>(c.vocab_size));
+  p.greedy = a.take<unsigned long long>(S);
   p.routes = a.take<int32_t>(2 * moe_layers.size() * T * top_k);
   p.tallies = a.take<unsigned long long>(2 * moe_layers.size() * static_cast<size_t>(std::max(c.num_experts, 0)));
   return p;
@@ -612,13 +616,17 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
                              stream);                                                          // experts + shared
         mark("experts_down (+shared)");
       } else {
+        // The shared expert: in the grouped launches for decode batches, else through cuBLAS.
+        const bool dense_grouped = f.dense_gate_up != nullptr && grouped_takes_dense(T, c.num_experts, top_k);
         for (int r = reps("experts_gate_up"); r-- > 0;)
-          experts_gate_up_grouped(p.hb, p.h_bf16, f, groups, T, hidden, c.num_experts, top_k, stream);
-        mark("experts_gate_up");
+          experts_gate_up_grouped(p.hb, p.h_bf16, f, groups, T, hidden, c.num_experts, top_k, stream,
+                                  dense_grouped ? p.dense_act : Bf16Pair{});
+        mark(dense_grouped ? "experts_gate_up (+shared)" : "experts_gate_up");
         for (int r = reps("experts_down"); r-- > 0;)
-          experts_down_grouped(p.ffn_out, slots_l, p.hb, weights_l, f, groups, T, hidden, c.num_experts, top_k, stream);
-        mark("experts_down");
-        if (f.dense_gate_up != nullptr) {                                                      // shared expert
+          experts_down_grouped(p.ffn_out, slots_l, p.hb, weights_l, f, groups, T, hidden, c.num_experts, top_k, stream,
+                               dense_grouped ? ConstBf16Pair(p.dense_act) : ConstBf16Pair{});
+        mark(dense_grouped ? "experts_down (+shared)" : "experts_down");
+        if (f.dense_gate_up != nullptr && !dense_grouped) {                                    // shared expert
           blas.gemm(p.dense_gate_up, 2 * f.dense_inter, p.h_bf16, f.dense_gate_up, T, 2 * f.dense_inter, hidden, 0.0f);
           swiglu_bf16(p.dense_act, p.dense_gate_up, T, f.dense_inter, stream);
           blas.gemm(p.ffn_out + static_cast<size_t>(top_k) * hidden, slots_l * hidden, p.dense_act, f.dense_down, T,
@@ -651,7 +659,8 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
   mark("lm_head");
 }
 
-void CudaBackend::Impl::forward(const Batch& batch, RoutingSink* sink, std::vector<float>& logits) {
+void CudaBackend::Impl::forward(const Batch& batch, RoutingSink* sink, std::vector<float>* logits,
+                                std::vector<int32_t>* tokens) {
   const auto started = std::chrono::steady_clock::now();
   const int bs = options.block_size;
   const int top_k = c.num_experts_per_tok;
@@ -788,8 +797,14 @@ void CudaBackend::Impl::forward(const Batch& batch, RoutingSink* sink, std::vect
   }
 
   const size_t num_logits = static_cast<size_t>(S) * c.vocab_size;
-  if (logits_host.size() < num_logits) logits_host = PinnedBuffer<float>(num_logits);
-  CUDA_CHECK(cudaMemcpyAsync(logits_host.data(), p.logits, num_logits * sizeof(float), cudaMemcpyDeviceToHost, stream));
+  if (tokens != nullptr) {  // S keys instead of S x vocab logits
+    greedy_keys(p.greedy, p.logits, S, c.vocab_size, stream);
+    if (greedy_host.size() < static_cast<size_t>(S)) greedy_host = PinnedBuffer<unsigned long long>(static_cast<size_t>(S));
+    CUDA_CHECK(cudaMemcpyAsync(greedy_host.data(), p.greedy, S * sizeof(unsigned long long), cudaMemcpyDeviceToHost, stream));
+  } else {
+    if (logits_host.size() < num_logits) logits_host = PinnedBuffer<float>(num_logits);
+    CUDA_CHECK(cudaMemcpyAsync(logits_host.data(), p.logits, num_logits * sizeof(float), cudaMemcpyDeviceToHost, stream));
+  }
   // The pass's one copy of what its sink records: every token's routes, or only the per-layer tallies
   // the router kernels kept (M x E selections and weight sums, whatever the number of tokens).
   const int num_pairs = T * top_k;
@@ -809,12 +824,17 @@ void CudaBackend::Impl::forward(const Batch& batch, RoutingSink* sink, std::vect
   CUDA_CHECK(cudaStreamSynchronize(stream));
   collect_marks(sh);
 
-  logits.resize(num_logits);
-  const int copy_threads = num_logits > (size_t{1} << 20) ? std::min(8, omp_get_max_threads()) : 1;
+  if (tokens != nullptr) {
+    tokens->resize(static_cast<size_t>(S));
+    for (int s = 0; s < S; ++s) (*tokens)[s] = greedy_token(greedy_host.data()[s]);
+  } else {
+    logits->resize(num_logits);
+    const int copy_threads = num_logits > (size_t{1} << 20) ? std::min(8, omp_get_max_threads()) : 1;
 #pragma omp parallel for num_threads(copy_threads) schedule(static)
-  for (int part = 0; part < copy_threads; ++part) {
-    const size_t begin = num_logits * part / copy_threads, end = num_logits * (part + 1) / copy_threads;
-    std::memcpy(logits.data() + begin, logits_host.data() + begin, (end - begin) * sizeof(float));
+    for (int part = 0; part < copy_threads; ++part) {
+      const size_t begin = num_logits * part / copy_threads, end = num_logits * (part + 1) / copy_threads;
+      std::memcpy(logits->data() + begin, logits_host.data() + begin, (end - begin) * sizeof(float));
+    }
   }
   for (const BatchSequence& seq : batch.sequences)
     caches.at(seq.cache_id).length = seq.start_pos + static_cast<int32_t>(seq.tokens.size());
@@ -903,7 +923,11 @@ void CudaBackend::free_cache(int cache_id) {
 }
 
 void CudaBackend::forward(const Batch& batch, RoutingSink* sink, std::vector<float>& logits) {
-  impl_->forward(batch, sink, logits);
+  impl_->forward(batch, sink, &logits, nullptr);
+}
+
+void CudaBackend::forward_greedy(const Batch& batch, RoutingSink* sink, std::vector<int32_t>& tokens) {
+  impl_->forward(batch, sink, nullptr, &tokens);
 }
 
 KvCapacity CudaBackend::kv_capacity() const {

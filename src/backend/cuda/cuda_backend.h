@@ -36,6 +36,7 @@ class CudaBackend final : public Backend {
   int create_cache() override;
   void free_cache(int cache_id) override;
   void forward(const Batch& batch, RoutingSink* sink, std::vector<float>& logits) override;
+  void forward_greedy(const Batch& batch, RoutingSink* sink, std::vector<int32_t>& tokens) override;
 
   KvCapacity kv_capacity() const override;  // the paged KV cache
   size_t weight_bytes() const;      // bytes of weights on the device (bf16, norms and biases f32)

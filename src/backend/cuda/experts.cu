@@ -186,15 +186,26 @@ template <bool GATED, bool SPLIT>
 using PrefillGemm = GemmConfig<GATED, SPLIT, 128, 2, 32, SPLIT ? 3 : 4>;
 
 
+// The dense group (the shared expert) in the same launch as the routed experts: its tiles are the
+// tokens in order, its weights w.dense_*. Gate/up writes its SwiGLU output to hb; down reads a and
+// writes ffn_out's last slot (weight 1: the shared expert's gate is the fold's). tokens == 0: none.
+struct DenseTiles {
+  Bf16Pair hb;       // gate/up: [tokens, dense_inter] out
+  ConstBf16Pair a;   // down: [tokens, dense_inter] in
+  int tokens = 0;
+  int blocks = 0;    // ceil(tokens / BM) x ceil(N / BN)
+};
+
 // GATED: hb[s, n] = silu(a[s] . gate[n]) * (a[s] . up[n]), a = xb rows gathered by token, n < inter.
 // else:  ffn_out[t, j, n] = topk_weights[pair] * (hb[s] . down[n]), n < hidden, pair = sorted_pairs[s].
 // SPLIT: a is a_src.hi + a_src.lo, each term a product of its own into the same accumulators (and
-// hb.lo receives the output's lo term). grid (max tiles, ceil(N / BN)); tiles past *num_tiles exit.
+// hb.lo receives the output's lo term). 1-D grid: dense.blocks dense tiles first (row tile fastest),
+// then max_tiles x ceil(N / BN) routed ones (tile fastest); tiles past *num_tiles exit.
 // Dynamic shared memory: Cfg::SMEM_BYTES, per stage [NA][BM][BKP] activations then [NB * BN][BKP] weights.
 template <bool GATED, bool SPLIT, class Cfg>
 __global__ void __launch_bounds__(Cfg::THREADS)
     grouped_gemm_kernel(Bf16Pair hb, float* ffn_out, int num_slots, ConstBf16Pair a_src, const float* topk_weights,
-                        ExpertWeights w, ExpertGroups groups, int hidden, int top_k) {
+                        ExpertWeights w, ExpertGroups groups, int hidden, int top_k, DenseTiles dense, int max_tiles) {
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, BKP = Cfg::BKP, STAGES = Cfg::STAGES;
   constexpr int NA = Cfg::NA, NB = Cfg::NB, MI = Cfg::MI, NI = Cfg::NI, CPR = Cfg::CPR, RPP = Cfg::RPP;
   constexpr int A_ITERS = Cfg::A_ITERS, B_ITERS = Cfg::B_ITERS;
@@ -202,16 +213,30 @@ __global__ void __launch_bounds__(Cfg::THREADS)
   bf16* const smem = reinterpret_cast<bf16*>(gemm_smem);
   wait_for_previous_kernel();
 
-  const int tile = blockIdx.x;
-  if (tile >= *groups.num_tiles) return;
-  const int e = groups.tile_expert[tile], row0 = groups.tile_row[tile];
-  const int rows = min(BM, groups.expert_offsets[e + 1] - row0);  // sorted rows of this tile, 1..BM
-  const int inter = w.inter;
+  const bool is_dense = static_cast<int>(blockIdx.x) < dense.blocks;
+  int row0, rows, n0, inter;
+  const bf16* b_base;
+  if (is_dense) {
+    const int row_tiles = (dense.tokens + BM - 1) / BM;
+    row0 = (blockIdx.x % row_tiles) * BM;
+    rows = min(BM, dense.tokens - row0);
+    n0 = (blockIdx.x / row_tiles) * BN;
+    inter = w.dense_inter;
+    b_base = GATED ? w.dense_gate_up : w.dense_down;
+  } else {
+    const int b = blockIdx.x - dense.blocks, tile = b % max_tiles;
+    if (tile >= *groups.num_tiles) return;
+    const int e = groups.tile_expert[tile];
+    row0 = groups.tile_row[tile];
+    rows = min(BM, groups.expert_offsets[e + 1] - row0);  // sorted rows of this tile, 1..BM
+    n0 = (b / max_tiles) * BN;
+    inter = w.inter;
+    b_base = GATED ? w.gate_up + static_cast<int64_t>(e) * 2 * inter * hidden : w.down + static_cast<int64_t>(e) * hidden * inter;
+  }
   const int n_total = GATED ? inter : hidden, k_total = GATED ? hidden : inter;
-  const int n0 = blockIdx.y * BN;
   if (n0 >= n_total) return;
-  const bf16* b_base = GATED ? w.gate_up + static_cast<int64_t>(e) * 2 * inter * hidden
-                             : w.down + static_cast<int64_t>(e) * hidden * inter;
+  // The activations: rows gathered by token (gate/up: routed rows are pairs), or the tile's rows in order.
+  const ConstBf16Pair a_in = is_dense && !GATED ? dense.a : a_src;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp / Cfg::WARPS_N, wn = warp % Cfg::WARPS_N, g = lane >> 2, tq = lane & 3;
@@ -229,9 +254,9 @@ __global__ void __launch_bounds__(Cfg::THREADS)
     const int r = chunk_row + i * RPP;
     a_copy[i] = r < rows_loaded;
     a_ok[i] = r < rows;
-    const int64_t a_index = a_ok[i] ? (GATED ? groups.sorted_pairs[row0 + r] / top_k : row0 + r) : 0;
-    a_ptr[i][0] = a_src.hi + a_index * k_total;
-    if constexpr (SPLIT) a_ptr[i][NA - 1] = a_src.lo + a_index * k_total;
+    const int64_t a_index = !a_ok[i] ? 0 : GATED && !is_dense ? groups.sorted_pairs[row0 + r] / top_k : row0 + r;
+    a_ptr[i][0] = a_in.hi + a_index * k_total;
+    if constexpr (SPLIT) a_ptr[i][NA - 1] = a_in.lo + a_index * k_total;
   }
   const bf16* b_ptr[B_ITERS];
   bool b_ok[B_ITERS];
@@ -334,18 +359,19 @@ __global__ void __launch_bounds__(Cfg::THREADS)
       if (r >= rows) continue;
       const int s = row0 + r;
       if constexpr (GATED) {
+        const Bf16Pair out_pair = is_dense ? dense.hb : hb;
         const int64_t out = static_cast<int64_t>(s) * inter;
 #pragma unroll
         for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
             const int n = n0 + wn * Cfg::WN + ni * 8 + 2 * tq + c;
-            if (n < inter) store_bf16(hb, out + n, silu(acc[0][mi][ni][2 * half + c]) * acc[NB - 1][mi][ni][2 * half + c]);
+            if (n < inter) store_bf16(out_pair, out + n, silu(acc[0][mi][ni][2 * half + c]) * acc[NB - 1][mi][ni][2 * half + c]);
           }
       } else {
-        const int pair = groups.sorted_pairs[s];
-        const int t = pair / top_k, j = pair % top_k;
-        const float weight = topk_weights[pair];
+        const int pair = is_dense ? 0 : groups.sorted_pairs[s];
+        const int t = is_dense ? s : pair / top_k, j = is_dense ? num_slots - 1 : pair % top_k;
+        const float weight = is_dense ? 1.0f : topk_weights[pair];
         float* out = ffn_out + (static_cast<int64_t>(t) * num_slots + j) * hidden;
 #pragma unroll
         for (int ni = 0; ni < NI; ++ni)
@@ -362,30 +388,33 @@ __global__ void __launch_bounds__(Cfg::THREADS)
 // Launches one configuration, its dynamic shared memory limit raised first (as the attention kernels do:
 // per launch, so that it holds on whichever device is current).
 template <bool GATED, bool SPLIT, class Cfg>
-void launch_grouped_gemm(int max_tiles, int n_total, cudaStream_t stream, Bf16Pair hb, float* ffn_out, int num_slots,
+void launch_grouped_gemm(int max_tiles, cudaStream_t stream, Bf16Pair hb, float* ffn_out, int num_slots,
                          ConstBf16Pair a_src, const float* topk_weights, const ExpertWeights& w,
-                         const ExpertGroups& groups, int hidden, int top_k) {
+                         const ExpertGroups& groups, int hidden, int top_k, DenseTiles dense) {
   CUDA_CHECK(cudaFuncSetAttribute(grouped_gemm_kernel<GATED, SPLIT, Cfg>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(Cfg::SMEM_BYTES)));
-  const dim3 grid(max_tiles, ceil_div(n_total, Cfg::BN));
-  launch_kernel(grouped_gemm_kernel<GATED, SPLIT, Cfg>, grid, Cfg::THREADS, Cfg::SMEM_BYTES, stream, hb, ffn_out,
-                num_slots, a_src, topk_weights, w, groups, hidden, top_k);
+  const int routed_n = GATED ? w.inter : hidden, dense_n = GATED ? w.dense_inter : hidden;
+  dense.blocks = dense.tokens > 0 ? ceil_div(dense.tokens, Cfg::BM) * ceil_div(dense_n, Cfg::BN) : 0;
+  const int64_t blocks = dense.blocks + static_cast<int64_t>(max_tiles) * ceil_div(routed_n, Cfg::BN);
+  if (blocks == 0) return;
+  launch_kernel(grouped_gemm_kernel<GATED, SPLIT, Cfg>, static_cast<unsigned>(blocks), Cfg::THREADS, Cfg::SMEM_BYTES,
+                stream, hb, ffn_out, num_slots, a_src, topk_weights, w, groups, hidden, top_k, dense, max_tiles);
   CUDA_CHECK_LAUNCH();
 }
 
 // The configuration for tiles of `tile_rows` (expert_tile_rows: 64 or 128).
 template <bool GATED, bool SPLIT>
-void dispatch_grouped_gemm(int num_pairs, int num_experts, int n_total, cudaStream_t stream, Bf16Pair hb,
-                           float* ffn_out, int num_slots, ConstBf16Pair a_src, const float* topk_weights,
-                           const ExpertWeights& w, const ExpertGroups& groups, int hidden, int top_k) {
+void dispatch_grouped_gemm(int num_pairs, int num_experts, cudaStream_t stream, Bf16Pair hb, float* ffn_out,
+                           int num_slots, ConstBf16Pair a_src, const float* topk_weights, const ExpertWeights& w,
+                           const ExpertGroups& groups, int hidden, int top_k, const DenseTiles& dense) {
   const int tile_rows = expert_tile_rows(num_pairs, num_experts);
-  const int max_tiles = max_expert_tiles(num_pairs, num_experts, tile_rows);
+  const int max_tiles = num_experts > 0 ? max_expert_tiles(num_pairs, num_experts, tile_rows) : 0;
   if (tile_rows == PrefillGemm<GATED, SPLIT>::BM)
-    launch_grouped_gemm<GATED, SPLIT, PrefillGemm<GATED, SPLIT>>(max_tiles, n_total, stream, hb, ffn_out, num_slots,
-                                                                 a_src, topk_weights, w, groups, hidden, top_k);
+    launch_grouped_gemm<GATED, SPLIT, PrefillGemm<GATED, SPLIT>>(max_tiles, stream, hb, ffn_out, num_slots, a_src,
+                                                                 topk_weights, w, groups, hidden, top_k, dense);
   else
-    launch_grouped_gemm<GATED, SPLIT, DecodeGemm<GATED, SPLIT>>(max_tiles, n_total, stream, hb, ffn_out, num_slots,
-                                                                a_src, topk_weights, w, groups, hidden, top_k);
+    launch_grouped_gemm<GATED, SPLIT, DecodeGemm<GATED, SPLIT>>(max_tiles, stream, hb, ffn_out, num_slots, a_src,
+                                                                topk_weights, w, groups, hidden, top_k, dense);
 }
 
 static_assert(DecodeGemm<true, false>::BM == k_expert_tile_rows, "the decode tiles are align_by_expert's small tiles");
@@ -434,32 +463,44 @@ void experts_down_small(float* ffn_out, int num_slots, const float* h, int ld_h,
 }
 
 void experts_gate_up_grouped(Bf16Pair hb, ConstBf16Pair xb, const ExpertWeights& w, const ExpertGroups& groups,
-                             int num_tokens, int hidden, int num_experts, int top_k, cudaStream_t stream) {
+                             int num_tokens, int hidden, int num_experts, int top_k, cudaStream_t stream,
+                             Bf16Pair dense_hb) {
   const int num_pairs = num_tokens * top_k;
-  if (num_pairs == 0 || num_experts == 0) return;
+  const bool with_dense = dense_hb.hi != nullptr;
+  if (num_tokens == 0 || ((num_pairs == 0 || num_experts == 0) && !with_dense)) return;
   if (hidden % 8 != 0) argument_error("experts_gate_up_grouped", "hidden must be a multiple of 8");
-  if ((xb.lo == nullptr) != (hb.lo == nullptr))
-    argument_error("experts_gate_up_grouped", "the input and the output have a lo term together or not at all");
+  if ((xb.lo == nullptr) != (hb.lo == nullptr) || (with_dense && (xb.lo == nullptr) != (dense_hb.lo == nullptr)))
+    argument_error("experts_gate_up_grouped", "the input and the outputs have a lo term together or not at all");
+  if (with_dense && w.dense_gate_up == nullptr) argument_error("experts_gate_up_grouped", "a dense output without dense weights");
+  const DenseTiles dense{dense_hb, {}, with_dense ? num_tokens : 0, 0};
+  const int routed_experts = num_pairs > 0 ? num_experts : 0;
   if (xb.lo != nullptr)
-    dispatch_grouped_gemm<true, true>(num_pairs, num_experts, w.inter, stream, hb, nullptr, 0, xb, nullptr, w, groups,
-                                      hidden, top_k);
+    dispatch_grouped_gemm<true, true>(num_pairs, routed_experts, stream, hb, nullptr, 0, xb, nullptr, w, groups, hidden,
+                                      top_k, dense);
   else
-    dispatch_grouped_gemm<true, false>(num_pairs, num_experts, w.inter, stream, hb, nullptr, 0, xb, nullptr, w, groups,
-                                       hidden, top_k);
+    dispatch_grouped_gemm<true, false>(num_pairs, routed_experts, stream, hb, nullptr, 0, xb, nullptr, w, groups, hidden,
+                                       top_k, dense);
 }
 
 void experts_down_grouped(float* ffn_out, int num_slots, ConstBf16Pair hb, const float* topk_weights,
                           const ExpertWeights& w, const ExpertGroups& groups, int num_tokens, int hidden,
-                          int num_experts, int top_k, cudaStream_t stream) {
+                          int num_experts, int top_k, cudaStream_t stream, ConstBf16Pair dense_hb) {
   const int num_pairs = num_tokens * top_k;
-  if (num_pairs == 0 || num_experts == 0) return;
-  if (w.inter % 8 != 0) argument_error("experts_down_grouped", "the expert intermediate size must be a multiple of 8");
+  const bool with_dense = dense_hb.hi != nullptr;
+  if (num_tokens == 0 || ((num_pairs == 0 || num_experts == 0) && !with_dense)) return;
+  if ((num_experts > 0 && w.inter % 8 != 0) || (with_dense && w.dense_inter % 8 != 0))
+    argument_error("experts_down_grouped", "intermediate sizes must be multiples of 8");
+  if (with_dense && ((hb.lo == nullptr) != (dense_hb.lo == nullptr)))
+    argument_error("experts_down_grouped", "the routed and the dense inputs have a lo term together or not at all");
+  if (with_dense && w.dense_down == nullptr) argument_error("experts_down_grouped", "a dense input without dense weights");
+  const DenseTiles dense{{}, dense_hb, with_dense ? num_tokens : 0, 0};
+  const int routed_experts = num_pairs > 0 ? num_experts : 0;
   if (hb.lo != nullptr)
-    dispatch_grouped_gemm<false, true>(num_pairs, num_experts, hidden, stream, nullptr, ffn_out, num_slots, hb,
-                                       topk_weights, w, groups, hidden, top_k);
+    dispatch_grouped_gemm<false, true>(num_pairs, routed_experts, stream, nullptr, ffn_out, num_slots, hb, topk_weights,
+                                       w, groups, hidden, top_k, dense);
   else
-    dispatch_grouped_gemm<false, false>(num_pairs, num_experts, hidden, stream, nullptr, ffn_out, num_slots, hb,
-                                        topk_weights, w, groups, hidden, top_k);
+    dispatch_grouped_gemm<false, false>(num_pairs, routed_experts, stream, nullptr, ffn_out, num_slots, hb, topk_weights,
+                                        w, groups, hidden, top_k, dense);
 }
 
 }  // namespace moescope::cuda

@@ -206,13 +206,30 @@ void experts_down_small(float* ffn_out, int num_slots, const float* h, int ld_h,
 // Gate/up with SwiGLU fused: hb[s] = silu(g) * u for sorted row s (its token's xb row gathered).
 // xb: [num_tokens, hidden] bf16; hb: [num_tokens * top_k, inter] bf16. With xb.lo the products take both
 // terms (twice the tensor-core work), and hb.lo (then required) receives the lo term of the output.
+// dense_hb given: the dense group (w.dense_*) in the same launch, every token in order, its SwiGLU output
+// into dense_hb [num_tokens, dense_inter] (as the routed one: lo with xb.lo).
 void experts_gate_up_grouped(Bf16Pair hb, ConstBf16Pair xb, const ExpertWeights& w, const ExpertGroups& groups,
-                             int num_tokens, int hidden, int num_experts, int top_k, cudaStream_t stream);
+                             int num_tokens, int hidden, int num_experts, int top_k, cudaStream_t stream,
+                             Bf16Pair dense_hb = {});
 // Down with the routing weight and un-permute fused: ffn_out[t, j] = topk_weights[t, j] * (hb[s] . down_e),
-// hb's lo term included when given.
+// hb's lo term included when given. dense_hb given ([num_tokens, dense_inter]): also
+// ffn_out[t, num_slots - 1] = dense_hb[t] . dense_down, in the same launch.
 void experts_down_grouped(float* ffn_out, int num_slots, ConstBf16Pair hb, const float* topk_weights,
                           const ExpertWeights& w, const ExpertGroups& groups, int num_tokens, int hidden,
-                          int num_experts, int top_k, cudaStream_t stream);
+                          int num_experts, int top_k, cudaStream_t stream, ConstBf16Pair dense_hb = {});
+// Whether a large pass takes its dense group (the shared expert) into the grouped GEMMs: passes of the
+// small tiles (decode batches), where cuBLAS on 9..~700 rows runs few CTAs well below the bandwidth;
+// larger passes give it to cuBLAS, which is faster than the grouped kernels when compute-bound.
+inline bool grouped_takes_dense(int num_tokens, int num_experts, int top_k) {
+  return num_experts > 0 && expert_tile_rows(num_tokens * top_k, num_experts) == k_expert_tile_rows;
+}
+
+// --- Greedy sampling (greedy.cu) -------------------------------------------------------------------
+
+// keys[r] = the largest logit of row r with its index, as one key (greedy_token() reads the index): the
+// first index on ties, NaN above every number, as torch.argmax. logits: [rows, vocab] f32; keys: [rows].
+void greedy_keys(unsigned long long* keys, const float* logits, int rows, int vocab, cudaStream_t stream);
+inline int32_t greedy_token(unsigned long long key) { return static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(key)); }
 
 // --- Device bandwidth (bandwidth.cu) ---------------------------------------------------------------
 
