@@ -214,7 +214,7 @@ TEST_F(CudaKernels, RouterTopkMatchesCpuSoftmaxAndSelectExperts) {
     DeviceBuffer<unsigned long long> d_tallies(tallies.size());
     CUDA_CHECK(cudaMemcpy(d_tallies.data(), tallies.data(), d_tallies.bytes(), cudaMemcpyHostToDevice));
     cuda::router_topk(d_ids.data(), d_wts.data(), cs.shared ? d_gate.data() : nullptr, d_x.data(), d_w.data(), cs.tokens,
-                      cs.hidden, cs.experts, cs.top_k, cs.norm, nullptr, nullptr,
+                      cs.hidden, cs.experts, cs.top_k, cs.norm, nullptr,
                       {d_tallies.data(), d_tallies.data() + cs.experts});
     const auto ids = to_host(d_ids, ref_ids.size());
     const auto wts = to_host(d_wts, ref_ids.size());
@@ -291,38 +291,72 @@ TEST_F(CudaKernels, AlignGroupsPairsByExpertInPairOrder) {
   }
 }
 
-// A single token's router writes the same groups as align_by_expert on its ids.
-TEST_F(CudaKernels, RouterGroupsASingleTokenLikeAlign) {
+// Small passes: router_small (the post-attention norm, router and grouping in one launch) against the
+// separate kernels on the same input: rms_norm, router_topk on its output, align_by_expert on the ids.
+// Two launches in a row (the second on other tokens): the last block's ticket must be reset by the first.
+TEST_F(CudaKernels, RouterSmallNormsRoutesAndGroupsAsTheSeparateKernels) {
   std::mt19937 rng(11);
-  for (const auto& [experts, top_k] : {std::pair{60, 4}, std::pair{8, 2}, std::pair{128, 8}}) {
-    const int hidden = 256;
-    const Bf16Tensor w = random_bf16({experts, hidden}, rng, 0.25f);
+  struct Case { int tokens, experts, top_k; bool shared, norm; };
+  for (const Case& cs : {Case{1, 60, 4, true, false}, Case{3, 60, 4, true, false}, Case{8, 60, 4, false, true},
+                         Case{2, 8, 2, false, false}, Case{8, 128, 8, true, true}, Case{5, 16, 4, true, false}}) {
+    const int hidden = 256, T = cs.tokens, P = T * cs.top_k, rows = cs.experts + (cs.shared ? 1 : 0);
+    const Bf16Tensor w = random_bf16({rows, hidden}, rng, 0.25f);
     auto d_w = to_device(w.bits);
-    auto d_x = to_device(random_f32(hidden, rng));
-    DeviceBuffer<int32_t> d_ids(top_k);
-    DeviceBuffer<float> d_wts(top_k);
-    const int64_t ints = cuda::expert_groups_ints(top_k, experts);
-    DeviceBuffer<int32_t> fused(static_cast<size_t>(ints)), aligned(static_cast<size_t>(ints));
-    CUDA_CHECK(cudaMemset(fused.data(), 0xff, fused.bytes()));
-    CUDA_CHECK(cudaMemset(aligned.data(), 0xff, aligned.bytes()));
-    const cuda::ExpertGroups gf = cuda::carve_expert_groups(fused.data(), top_k, experts);
-    const cuda::ExpertGroups ga = cuda::carve_expert_groups(aligned.data(), top_k, experts);
-    ASSERT_TRUE(cuda::router_topk(d_ids.data(), d_wts.data(), nullptr, d_x.data(), d_w.data(), 1, hidden, experts, top_k,
-                                  false, nullptr, &gf));
-    cuda::align_by_expert(ga, d_ids.data(), top_k, experts, nullptr);
-    auto read = [&](const int32_t* p, size_t n) {
-      std::vector<int32_t> out(n);
-      CUDA_CHECK(cudaMemcpy(out.data(), p, n * sizeof(int32_t), cudaMemcpyDeviceToHost));
-      return out;
-    };
-    EXPECT_EQ(read(gf.sorted_pairs, top_k), read(ga.sorted_pairs, top_k));
-    EXPECT_EQ(read(gf.expert_offsets, experts + 1), read(ga.expert_offsets, experts + 1));
-    EXPECT_EQ(read(gf.num_active, 1), read(ga.num_active, 1));
-    EXPECT_EQ(read(gf.active_experts, top_k), read(ga.active_experts, top_k));
-    EXPECT_EQ(read(gf.num_tiles, 1), read(ga.num_tiles, 1));
-    EXPECT_EQ(read(gf.tile_expert, top_k), read(ga.tile_expert, top_k));
-    EXPECT_EQ(read(gf.tile_row, top_k), read(ga.tile_row, top_k));
+    std::vector<float> norm_weight = random_f32(hidden, rng, 0.1f);
+    for (float& v : norm_weight) v += 1.0f;
+    auto d_norm = to_device(norm_weight);
+    DeviceBuffer<unsigned> ticket(1);
+    CUDA_CHECK(cudaMemset(ticket.data(), 0, sizeof(unsigned)));
+    DeviceBuffer<float> logits(static_cast<size_t>(T) * rows);
+    const int64_t ints = cuda::expert_groups_ints(P, cs.experts);
+    for (int launch = 0; launch < 2; ++launch) {
+      auto d_x = to_device(random_f32(static_cast<size_t>(T) * hidden, rng, 3.0f));
+      DeviceBuffer<int32_t> ids(P), ids_ref(P);
+      auto wts = test::poisoned(P), wts_ref = test::poisoned(P), gate = test::poisoned(T), gate_ref = test::poisoned(T);
+      auto h = test::poisoned(static_cast<size_t>(T) * hidden), h_ref = test::poisoned(static_cast<size_t>(T) * hidden);
+      DeviceBuffer<float> x_copy(static_cast<size_t>(T) * hidden);
+      CUDA_CHECK(cudaMemcpy(x_copy.data(), d_x.data(), x_copy.bytes(), cudaMemcpyDeviceToDevice));
+      DeviceBuffer<int32_t> fused(static_cast<size_t>(ints)), aligned(static_cast<size_t>(ints));
+      CUDA_CHECK(cudaMemset(fused.data(), 0xff, fused.bytes()));
+      CUDA_CHECK(cudaMemset(aligned.data(), 0xff, aligned.bytes()));
+      const cuda::ExpertGroups gf = cuda::carve_expert_groups(fused.data(), P, cs.experts);
+      const cuda::ExpertGroups ga = cuda::carve_expert_groups(aligned.data(), P, cs.experts);
+      DeviceBuffer<unsigned long long> tallies(2 * static_cast<size_t>(cs.experts));
+      CUDA_CHECK(cudaMemset(tallies.data(), 0, tallies.bytes()));
+      cuda::router_small(ids.data(), wts.data(), cs.shared ? gate.data() : nullptr, h.data(), d_x.data(), d_norm.data(),
+                         1e-6f, d_w.data(), T, hidden, cs.experts, cs.top_k, cs.norm, gf,
+                         {tallies.data(), tallies.data() + cs.experts}, logits.data(), ticket.data(), nullptr);
+      cuda::rms_norm(h_ref.data(), nullptr, x_copy.data(), nullptr, T, hidden, d_norm.data(), 1e-6f, {}, nullptr);
+      cuda::router_topk(ids_ref.data(), wts_ref.data(), cs.shared ? gate_ref.data() : nullptr, h_ref.data(), d_w.data(),
+                        T, hidden, cs.experts, cs.top_k, cs.norm, nullptr);
+      cuda::align_by_expert(ga, ids.data(), P, cs.experts, nullptr);
+      const std::string label = fmt::format("router_small T={} E={} k={} shared={} launch {}", T, cs.experts, cs.top_k,
+                                            cs.shared, launch + 1);
+      expect_close(label + ": normed rows", to_host(h, h.size()), to_host(h_ref, h_ref.size()), 1e-6);
+      const auto got_ids = to_host(ids, P);
+      EXPECT_EQ(got_ids, to_host(ids_ref, P)) << label;
+      expect_close(label + ": routing weights", to_host(wts, P), to_host(wts_ref, P), 1e-5);
+      if (cs.shared) expect_close(label + ": shared gate", to_host(gate, T), to_host(gate_ref, T), 1e-5);
+      auto read = [&](const int32_t* p, size_t n) {
+        std::vector<int32_t> out(n);
+        CUDA_CHECK(cudaMemcpy(out.data(), p, n * sizeof(int32_t), cudaMemcpyDeviceToHost));
+        return out;
+      };
+      const int active = read(ga.num_active, 1)[0];
+      EXPECT_EQ(read(gf.sorted_pairs, P), read(ga.sorted_pairs, P)) << label;
+      EXPECT_EQ(read(gf.expert_offsets, cs.experts + 1), read(ga.expert_offsets, cs.experts + 1)) << label;
+      EXPECT_EQ(read(gf.num_active, 1)[0], active) << label;
+      EXPECT_EQ(read(gf.active_experts, active), read(ga.active_experts, active)) << label;
+      EXPECT_EQ(read(gf.num_tiles, 1), read(ga.num_tiles, 1)) << label;
+      EXPECT_EQ(read(gf.tile_expert, active), read(ga.tile_expert, active)) << label;
+      EXPECT_EQ(read(gf.tile_row, active), read(ga.tile_row, active)) << label;
+      std::vector<unsigned long long> counts(2 * static_cast<size_t>(cs.experts));
+      CUDA_CHECK(cudaMemcpy(counts.data(), tallies.data(), tallies.bytes(), cudaMemcpyDeviceToHost));
+      for (int e = 0; e < cs.experts; ++e)
+        EXPECT_EQ(counts[e], static_cast<unsigned long long>(std::count(got_ids.begin(), got_ids.end(), e))) << label;
+    }
   }
+  std::printf("  router_small on 1 to 8 tokens: the separate kernels' norm, routes and groups, two launches in a row\n");
 }
 
 // --- experts: the whole MoE block against cpu::moe ----------------------------------------------------
@@ -425,10 +459,10 @@ MoeRun run_moe_on_gpu(const MoeCase& cs, const MoeWeights& mw, const std::vector
   const cuda::ExpertGroups groups = cuda::carve_expert_groups(groups_mem.data(), P, cs.experts);
   auto d_ffn = test::poisoned(static_cast<size_t>(T) * slots * H);
 
-  // As the backend: a single token's router groups its own pairs; otherwise align_by_expert does.
-  if (!cuda::router_topk(d_ids.data(), d_wts.data(), shared ? d_gate.data() : nullptr, d_x.data(), mw.router.data(), T,
-                         H, cs.experts, cs.top_k, cs.norm, nullptr, &groups))
-    cuda::align_by_expert(groups, d_ids.data(), P, cs.experts, nullptr);
+  // The router on x itself (the backend's small passes norm inside router_small, tested on its own above).
+  cuda::router_topk(d_ids.data(), d_wts.data(), shared ? d_gate.data() : nullptr, d_x.data(), mw.router.data(), T, H,
+                    cs.experts, cs.top_k, cs.norm, nullptr);
+  cuda::align_by_expert(groups, d_ids.data(), P, cs.experts, nullptr);
   if (small) {
     const int ld_h = (std::max(cs.inter, cs.shared_inter) + 7) / 8 * 8;
     DeviceBuffer<float> h(static_cast<size_t>(P + T) * ld_h);
@@ -603,7 +637,8 @@ struct AttentionCase {
 // The long passes (long_block_size > 0): pass 1: A's prompt of 150 tokens (tiles of 64, 64 and 22 rows),
 // B's prompt (5); pass 2: A's chunk of 130 tokens from position 150 after its cached prefix (tiles from
 // positions 150, 214 and 278: key blocks of 64 that cross the tiles' diagonals at other offsets than 0),
-// B's decode. The cache blocks of both sequences are shuffled.
+// B's decode. The cache blocks of both sequences are shuffled. Passes of 128 tokens or more (the long
+// ones) take qkv_rope_cache's row kernel, per-head norm included; the short ones its per-head kernel.
 // Each pass's attention output goes through o_proj on the CPU and is compared with cpu::attention; then
 // the cached keys and values.
 TEST_F(CudaKernels, AttentionMatchesCpuAttentionOverPagedCache) {

@@ -180,6 +180,7 @@ struct PassBuffers {
   float* attn = nullptr;           // [T, q_size]
   Bf16Pair attn_bf16;              // [T, q_size] (large path)
   float* shared_gate = nullptr;    // [T]
+  float* router_logits = nullptr;  // [T, num_experts + 1] (small path: router_small's scratch)
   int32_t* groups = nullptr;       // expert_groups_ints(T * top_k, num_experts)
   float* h_small = nullptr;        // [T * top_k + T, ld_h] (small path)
   Bf16Pair hb;                     // [T * top_k, moe_inter] (large path)
@@ -224,6 +225,7 @@ struct CudaBackend::Impl {
   int next_cache_id = 0;
 
   DeviceBuffer<char> workspace;
+  DeviceBuffer<unsigned> router_ticket;  // router_small's last-block ticket (zeroed once, reset by the kernel)
   PinnedBuffer<int32_t> meta_host;
   PinnedBuffer<float> logits_host;
   PinnedBuffer<unsigned long long> greedy_host;
@@ -460,6 +462,7 @@ PassBuffers CudaBackend::Impl::carve(Arena& a, int num_tokens, int num_seqs, siz
   p.attn = a.take<float>(T * q);
   p.attn_bf16 = take_pair(small ? 0 : T * q);
   p.shared_gate = a.take<float>(T);
+  p.router_logits = a.take<float>(small ? T * (static_cast<size_t>(std::max(c.num_experts, 0)) + 1) : 0);
   p.groups = a.take<int32_t>(static_cast<size_t>(expert_groups_ints(num_tokens * c.num_experts_per_tok, c.num_experts)));
   p.h_small = a.take<float>(small ? (T * top_k + T) * static_cast<size_t>(ld_h) : 0);
   p.hb = take_pair(small ? 0 : T * top_k * static_cast<size_t>(c.moe_intermediate_size));
@@ -589,23 +592,31 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
       else blas.gemm(p.x, hidden, p.attn_bf16, L.o_proj, T, hidden, q_size, 1.0f);
     }
     mark("o_proj");
-    for (int r = reps("post_norm"); r-- > 0;)
-      rms_norm(p.h, small ? Bf16Pair{} : p.h_bf16, p.x, nullptr, T, hidden, L.post_attention_layernorm, c.rms_norm_eps, {},
-               stream);                                                                        // pre-norm
-    mark("post_norm");
     const ExpertWeights& f = L.ffn;
+    // A small pass's MoE layer norms inside its router launch; every other layer here.
+    if (!(small && L.is_moe))
+      for (int r = reps("post_norm"); r-- > 0;)
+        rms_norm(p.h, small ? Bf16Pair{} : p.h_bf16, p.x, nullptr, T, hidden, L.post_attention_layernorm, c.rms_norm_eps,
+                 {}, stream);                                                                  // pre-norm
+    mark("post_norm");
     if (L.is_moe) {
       int32_t* ids = p.routes + static_cast<size_t>(moe_index) * num_pairs;
       float* weights_l = route_weights + static_cast<size_t>(moe_index) * num_pairs;
       float* shared_gate = c.has_shared_expert() ? p.shared_gate : nullptr;
       const int slots_l = top_k + (c.has_shared_expert() ? 1 : 0);
       unsigned long long* tally_l = p.tallies + static_cast<size_t>(moe_index) * c.num_experts;
-      bool grouped = false;
-      for (int r = reps("router_topk"); r-- > 0;)
-        grouped = router_topk(ids, weights_l, shared_gate, p.h, L.router, T, hidden, c.num_experts, top_k,
-                              c.norm_topk_prob, stream, &groups, {tally_l, tally_l + tally_count});  // routes -> pass buffer
+      const ExpertCounts counts{tally_l, tally_l + tally_count};
+      for (int r = reps("router_topk"); r-- > 0;) {                                            // routes -> pass buffer
+        if (small)  // + the post-attention norm and the grouping
+          router_small(ids, weights_l, shared_gate, p.h, p.x, L.post_attention_layernorm, c.rms_norm_eps, L.router, T,
+                       hidden, c.num_experts, top_k, c.norm_topk_prob, groups, counts, p.router_logits,
+                       router_ticket.data(), stream);
+        else
+          router_topk(ids, weights_l, shared_gate, p.h, L.router, T, hidden, c.num_experts, top_k, c.norm_topk_prob,
+                      stream, counts);
+      }
       mark("router_topk");
-      if (!grouped) align_by_expert(groups, ids, num_pairs, c.num_experts, stream);           // pairs by expert
+      if (!small) align_by_expert(groups, ids, num_pairs, c.num_experts, stream);              // pairs by expert
       mark("align_by_expert");
       if (small) {
         for (int r = reps("experts_gate_up"); r-- > 0;)
@@ -889,6 +900,8 @@ CudaBackend::CudaBackend(std::shared_ptr<const ModelWeights> weights, CudaBacken
   set_programmatic_launch(major >= 9 && pdl != "0");
   CUDA_CHECK(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking));
   m.blas_handle = std::make_unique<Blas>();
+  m.router_ticket = DeviceBuffer<unsigned>(1);
+  CUDA_CHECK(cudaMemset(m.router_ticket.data(), 0, sizeof(unsigned)));
   m.blas_handle->set_stream(m.stream);
   const ModelConfig& c = m.c;
   for (int l = 0; l < c.num_hidden_layers; ++l)

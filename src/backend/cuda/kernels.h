@@ -130,8 +130,6 @@ void attention(float* out, Bf16Pair out_bf16, const float* q, const float* k_cac
 // x: [num_tokens, hidden] f32; w: [num_experts (+1), hidden] bf16; topk_ids, topk_weights: [num_tokens, top_k];
 // shared_gate: [num_tokens] or nullptr (no gate row).
 struct ExpertGroups;
-// With groups given and a single token (a batch-1 decode), the same kernel also groups its pairs by
-// expert (what align_by_expert does) and the function returns true: one launch fewer per MoE layer.
 // With counts given, the kernel also adds each chosen expert's selection and routing weight into one MoE
 // layer's running totals (the recorder's stat and per_pass figures, with no launch of their own).
 struct ExpertCounts {
@@ -140,9 +138,21 @@ struct ExpertCounts {
                                                // atomics: the same sums in any order)
 };
 constexpr double k_weight_sum_unit = 1.0 / 4294967296.0;  // 2^-32
-bool router_topk(int32_t* topk_ids, float* topk_weights, float* shared_gate, const float* x, const bf16* w,
+void router_topk(int32_t* topk_ids, float* topk_weights, float* shared_gate, const float* x, const bf16* w,
                  int num_tokens, int hidden, int num_experts, int top_k, bool norm_topk_prob, cudaStream_t stream,
-                 const ExpertGroups* groups = nullptr, ExpertCounts counts = {});
+                 ExpertCounts counts = {});
+// Small passes (up to k_router_small_max_tokens tokens): the post-attention RMSNorm, the router and the
+// grouping in one launch of ceil((num_experts (+1)) / 8) blocks, a router row per warp, no barrier before
+// the last block. h = rms_norm(x) with norm_weight ([num_tokens, hidden] out, as rms_norm's); the routes as
+// router_topk's on h (each logit as inv_rms * (w . (norm_weight * x)): the same sum in another order); the
+// groups as align_by_expert's on the routes. logits: [num_tokens, num_experts (+1)] scratch; ticket: one
+// unsigned, zero before the first launch, which the kernel's last block resets (launches on one stream run
+// in order).
+constexpr int k_router_small_max_tokens = k_small_batch_max_tokens;
+void router_small(int32_t* topk_ids, float* topk_weights, float* shared_gate, float* h, const float* x,
+                  const float* norm_weight, float eps, const bf16* w, int num_tokens, int hidden, int num_experts,
+                  int top_k, bool norm_topk_prob, const ExpertGroups& groups, ExpertCounts counts, float* logits,
+                  unsigned* ticket, cudaStream_t stream);
 
 // Token-expert pairs (pair p = t * top_k + j) grouped by expert, written by align_by_expert.
 struct ExpertGroups {

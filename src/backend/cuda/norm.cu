@@ -14,63 +14,79 @@ __global__ void embed_kernel(float* x, const bf16* table, const int32_t* token_i
   for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[i] = bf16_to_float(row[i]);
 }
 
-constexpr int k_norm_per_thread = 8;  // hidden <= 8 * 1024
+constexpr int k_norm_vecs = 2;  // float4 per thread: hidden <= 8 * 1024
 
-// One block per row; each thread keeps its (at most 8) elements in registers, so every load of a row
-// is in flight at once (a decode's norm is one block: latency, not bandwidth, is what it costs).
+__device__ __forceinline__ void add_scaled(float4& a, float s, float4 b) {
+  a.x += s * b.x;
+  a.y += s * b.y;
+  a.z += s * b.z;
+  a.w += s * b.w;
+}
+
+// One block per row; each thread keeps its (at most 2) float4 of the row in registers, so every load of a
+// row is in flight at once (a decode's norm is one block: latency, not bandwidth, is what it costs).
 // x: [T, hidden] residual (fold added in place); out: [num_rows, hidden]; out_bf16: [num_rows, hidden]
-// (hi, and lo when given) or null; rows: [num_rows] or null; weight: [hidden].
+// (hi, and lo when given) or null; rows: [num_rows] or null; weight: [hidden]. hidden % 4 == 0.
 __global__ void __launch_bounds__(1024) rms_norm_kernel(float* out, Bf16Pair out_bf16, float* x, const int32_t* rows, int hidden,
                                 const float* weight, float eps, FfnFold fold) {
   __shared__ float scratch[32];
   wait_for_previous_kernel();
-  const int r = blockIdx.x, tid = threadIdx.x, threads = blockDim.x;
+  const int r = blockIdx.x, tid = threadIdx.x, threads = blockDim.x, nv = hidden / 4;
   const int t = rows != nullptr ? rows[r] : r;
-  float* xt = x + static_cast<int64_t>(t) * hidden;
-  float v[k_norm_per_thread];
+  float4* xt = reinterpret_cast<float4*>(x + static_cast<int64_t>(t) * hidden);
+  float4 v[k_norm_vecs];
 #pragma unroll
-  for (int j = 0; j < k_norm_per_thread; ++j) {
+  for (int j = 0; j < k_norm_vecs; ++j) {
     const int i = tid + j * threads;
-    v[j] = i < hidden ? xt[i] : 0.0f;
+    v[j] = i < nv ? xt[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   }
   if (fold.ffn_out != nullptr) {
     // As the CPU: the block's output (routed experts, then the gated shared expert) summed first,
     // then added to the residual.
     const float* f = fold.ffn_out + static_cast<int64_t>(t) * fold.num_slots * hidden;
-    float block_out[k_norm_per_thread] = {};
+    float4 block_out[k_norm_vecs] = {};
 #pragma unroll 2
     for (int s = 0; s < fold.num_slots; ++s) {
       const bool gated = s == fold.num_slots - 1 && fold.last_slot_scale != nullptr;
       const float scale = gated ? fold.last_slot_scale[t] : 1.0f;  // * 1.0f is exact
+      const float4* fs = reinterpret_cast<const float4*>(f + static_cast<int64_t>(s) * hidden);
 #pragma unroll
-      for (int j = 0; j < k_norm_per_thread; ++j) {
+      for (int j = 0; j < k_norm_vecs; ++j) {
         const int i = tid + j * threads;
-        if (i < hidden) block_out[j] += scale * f[static_cast<int64_t>(s) * hidden + i];
+        if (i < nv) add_scaled(block_out[j], scale, fs[i]);
       }
     }
 #pragma unroll
-    for (int j = 0; j < k_norm_per_thread; ++j) {
+    for (int j = 0; j < k_norm_vecs; ++j) {
       const int i = tid + j * threads;
-      if (i < hidden) {
-        v[j] += block_out[j];
+      if (i < nv) {
+        add_scaled(v[j], 1.0f, block_out[j]);
         xt[i] = v[j];
       }
     }
   }
   float sum_sq = 0.0f;
 #pragma unroll
-  for (int j = 0; j < k_norm_per_thread; ++j) sum_sq += v[j] * v[j];
+  for (int j = 0; j < k_norm_vecs; ++j) sum_sq += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
   sum_sq = block_sum(sum_sq, scratch);
   // HF: hidden * torch.rsqrt(variance + eps), then weight * hidden.
   const float inv = 1.0f / sqrtf(sum_sq / static_cast<float>(hidden) + eps);
-  float* o = out + static_cast<int64_t>(r) * hidden;
+  float4* o = reinterpret_cast<float4*>(out + static_cast<int64_t>(r) * hidden);
+  const float4* w4 = reinterpret_cast<const float4*>(weight);
 #pragma unroll
-  for (int j = 0; j < k_norm_per_thread; ++j) {
+  for (int j = 0; j < k_norm_vecs; ++j) {
     const int i = tid + j * threads;
-    if (i >= hidden) continue;
-    const float y = weight[i] * (v[j] * inv);
+    if (i >= nv) continue;
+    const float4 wv = w4[i];
+    const float4 y = make_float4(wv.x * (v[j].x * inv), wv.y * (v[j].y * inv), wv.z * (v[j].z * inv), wv.w * (v[j].w * inv));
     o[i] = y;
-    if (out_bf16.hi != nullptr) store_bf16(out_bf16, static_cast<int64_t>(r) * hidden + i, y);
+    if (out_bf16.hi != nullptr) {
+      const int64_t at = static_cast<int64_t>(r) * hidden + 4 * i;
+      store_bf16(out_bf16, at, y.x);
+      store_bf16(out_bf16, at + 1, y.y);
+      store_bf16(out_bf16, at + 2, y.z);
+      store_bf16(out_bf16, at + 3, y.w);
+    }
   }
 }
 
@@ -96,9 +112,10 @@ void embed(float* x, const bf16* table, const int32_t* token_ids, int num_tokens
 void rms_norm(float* out, Bf16Pair out_bf16, float* x, const int32_t* rows, int num_rows, int hidden, const float* weight,
               float eps, const FfnFold& fold, cudaStream_t stream) {
   if (num_rows == 0) return;
-  if (hidden > k_norm_per_thread * 1024) argument_error("rms_norm", "hidden is larger than 8192");
-  // Two elements per thread where the row allows it: many threads, few loads each.
-  const int threads = std::clamp((hidden / 2 + 31) / 32 * 32, 32, 1024);
+  if (hidden > 4 * k_norm_vecs * 1024 || hidden % 4 != 0)
+    argument_error("rms_norm", "hidden must be a multiple of 4, at most 8192");
+  // Two float4 per thread where the row allows it.
+  const int threads = std::clamp((hidden / 4 / k_norm_vecs + 31) / 32 * 32, 32, 1024);
   launch_kernel(rms_norm_kernel, num_rows, threads, 0, stream, out, out_bf16, x, rows, hidden, weight, eps, fold);
   CUDA_CHECK_LAUNCH();
 }

@@ -1,6 +1,7 @@
 // The router in one kernel per pass and layer (logits, softmax, top-k, renormalisation, the shared
 // expert's gate), writing the routes straight into the pass's routing buffer; then the token-expert
-// pairs grouped by expert for the expert kernels.
+// pairs grouped by expert for the expert kernels. Small passes do all of it, and the post-attention
+// RMSNorm before it, in one launch (router_small).
 #include <climits>
 
 #include "backend/cuda/gemv.cuh"
@@ -10,33 +11,14 @@ namespace {
 
 constexpr int k_max_top_k = 32;
 
-// One block per token (1024 threads for a few tokens: a decode's router is one block, so its warps
-// should be many). Dynamic shared memory: logits, then probabilities, [num_experts + 1].
-// topk_ids, topk_weights: [T, top_k]; shared_gate: [T] or null; x: [T, hidden]; w: [E (+1), hidden].
-// With group_single_token (one token, one block), also writes the ExpertGroups of its top_k pairs.
-__global__ void __launch_bounds__(1024)
-    router_topk_kernel(int32_t* topk_ids, float* topk_weights, float* shared_gate, const float* x, const bf16* w,
-                       int hidden, int num_experts, int top_k, bool norm_topk_prob, ExpertGroups g,
-                       bool group_single_token, ExpertCounts counts) {
-  extern __shared__ float probs[];
-  __shared__ int32_t chosen_ids[k_max_top_k];
-  __shared__ float chosen_weights[k_max_top_k];
-  wait_for_previous_kernel();
-  const int t = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int num_warps = blockDim.x / 32;
-
-  // Logits in f32 (the gate row of the shared expert, when there is one, comes after the experts).
-  const int rows = num_experts + (shared_gate != nullptr ? 1 : 0);
-  const float* const xs[1] = {x + static_cast<int64_t>(t) * hidden};
-  for (int e = warp; e < rows; e += num_warps) {
-    const bf16* const wr[1] = {w + static_cast<int64_t>(e) * hidden};
-    float acc[1][1];
-    warp_dot_rows<1, 1>(acc, wr, xs, 1, hidden);
-    if (lane == 0) probs[e] = acc[0][0];
-  }
-  __syncthreads();
-  if (warp != 0) return;
-
+// Token t's routes from its router logits, by one whole warp. probs: [num_experts (+1: the shared
+// expert's gate logit)] in shared memory, the logits on entry (overwritten); chosen_ids, chosen_weights:
+// [top_k] in shared memory, the choice on return. Writes topk_ids/topk_weights[t], shared_gate[t] and
+// the tallies.
+__device__ void route_token(float* probs, int32_t* chosen_ids, float* chosen_weights, int t, int num_experts, int top_k,
+                            bool norm_topk_prob, int32_t* topk_ids, float* topk_weights, float* shared_gate,
+                            ExpertCounts counts) {
+  const int lane = threadIdx.x & 31;
   // Softmax over the experts in f32, as HF (softmax(router_logits, dtype=torch.float)).
   float max_logit = -INFINITY;
   for (int e = lane; e < num_experts; e += 32) max_logit = fmaxf(max_logit, probs[e]);
@@ -94,47 +76,206 @@ __global__ void __launch_bounds__(1024)
     }
     if (shared_gate != nullptr) shared_gate[t] = 1.0f / (1.0f + expf(-probs[num_experts]));
   }
-  if (!group_single_token) return;
-  // One token: its pairs are its slots j. Sorted by expert id, each chosen expert owns one pair and
-  // one grouped-GEMM tile; offsets[e] counts the chosen ids below e.
   __syncwarp();
-  for (int e = lane; e <= num_experts; e += 32) {
-    int below = 0;
-    for (int j = 0; j < top_k; ++j) below += chosen_ids[j] < e ? 1 : 0;
-    g.expert_offsets[e] = below;
+}
+
+// One block per token (1024 threads for a few tokens: its warps should be many). Dynamic shared memory:
+// logits, then probabilities, [num_experts + 1]. topk_ids, topk_weights: [T, top_k]; shared_gate: [T] or
+// null; x: [T, hidden]; w: [E (+1), hidden].
+__global__ void __launch_bounds__(1024)
+    router_topk_kernel(int32_t* topk_ids, float* topk_weights, float* shared_gate, const float* x, const bf16* w,
+                       int hidden, int num_experts, int top_k, bool norm_topk_prob, ExpertCounts counts) {
+  extern __shared__ float probs[];
+  __shared__ int32_t chosen_ids[k_max_top_k];
+  __shared__ float chosen_weights[k_max_top_k];
+  wait_for_previous_kernel();
+  const int t = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int num_warps = blockDim.x / 32;
+
+  // Logits in f32 (the gate row of the shared expert, when there is one, comes after the experts).
+  const int rows = num_experts + (shared_gate != nullptr ? 1 : 0);
+  const float* const xs[1] = {x + static_cast<int64_t>(t) * hidden};
+  for (int e = warp; e < rows; e += num_warps) {
+    const bf16* const wr[1] = {w + static_cast<int64_t>(e) * hidden};
+    float acc[1][1];
+    warp_dot_rows<1, 1>(acc, wr, xs, 1, hidden);
+    if (lane == 0) probs[e] = acc[0][0];
   }
-  if (lane < top_k) {
-    int rank = 0;  // position of slot `lane` among the chosen ids in ascending order (ids are distinct)
-    for (int j = 0; j < top_k; ++j) rank += chosen_ids[j] < chosen_ids[lane] ? 1 : 0;
-    g.sorted_pairs[rank] = lane;
-    g.active_experts[rank] = chosen_ids[lane];
-    g.tile_expert[rank] = chosen_ids[lane];
-    g.tile_row[rank] = rank;
+  __syncthreads();
+  if (warp == 0)
+    route_token(probs, chosen_ids, chosen_weights, t, num_experts, top_k, norm_topk_prob, topk_ids, topk_weights,
+                shared_gate, counts);
+}
+
+// ---- small passes: RMSNorm, router and grouping in one launch ----------------------------------------
+
+constexpr int k_router_small_warps = 8;  // a router row per warp
+static_assert(k_router_small_max_tokens <= k_router_small_warps, "the last block routes token t with warp t");
+
+// grid (ceil(rows / 8), ceil(n / TPB)) blocks of 8 warps: block (b, y) takes router rows 8 b .. 8 b + 7 (a
+// warp each) for tokens TPB y .. TPB y + TPB - 1 (n <= 8 tokens). Each warp issues its router row's first
+// loads, waits for the previous kernel, and reads each of its tokens' residual rows once for two sums:
+// x . x (the RMSNorm's) and w . (norm_weight * x), so that logit = inv_rms * that, with no barrier on the
+// way (the norm is a scalar per token: HF's w . (norm_weight * (x * inv_rms)) in another order). The
+// blocks b = 0 also write their tokens' normed rows h for the experts. The last block to finish (a ticket
+// in global memory, reset by it for the next launch) routes token t with warp t and groups the pairs by
+// expert. Dynamic shared memory: [n][rows] logits.
+template <int TPB>
+__global__ void __launch_bounds__(k_router_small_warps * 32)
+    router_small_kernel(int32_t* topk_ids, float* topk_weights, float* shared_gate, float* h, const float* x,
+                        const float* norm_weight, float eps, const bf16* w, int n, int hidden, int num_experts,
+                        int top_k, bool norm_topk_prob, ExpertGroups g, ExpertCounts counts, float* logits,
+                        unsigned* ticket) {
+  extern __shared__ float router_smem[];
+  __shared__ int32_t chosen_ids[k_router_small_warps][k_max_top_k];
+  __shared__ float chosen_weights[k_router_small_warps][k_max_top_k];
+  __shared__ bool last;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int rows = num_experts + (shared_gate != nullptr ? 1 : 0);
+  const int row = blockIdx.x * k_router_small_warps + warp;
+  const int t0 = blockIdx.y * TPB, nt = min(TPB, n - t0);  // this block's tokens
+  const int num_vec = hidden >> 3;
+  const bf16* const wr = w + static_cast<int64_t>(min(row, rows - 1)) * hidden;
+  constexpr int U = 8;  // 16-byte loads per lane in flight
+  uint4 wv[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {  // the first of the row's weights, before the wait (they need nothing from it)
+    const int v = u * 32 + lane;
+    wv[u] = v < num_vec ? load_stream(wr + v * 8) : make_uint4(0, 0, 0, 0);
+  }
+  wait_for_previous_kernel();
+
+  float dot[TPB] = {}, sum_sq[TPB] = {};
+  for (int base = 0; base < num_vec; base += 32 * U) {
+    if (base > 0)
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int v = base + u * 32 + lane;
+        wv[u] = v < num_vec ? load_stream(wr + v * 8) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int v = base + u * 32 + lane;
+      if (v >= num_vec) continue;
+      const float4 na = __ldg(reinterpret_cast<const float4*>(norm_weight + v * 8));
+      const float4 nb = __ldg(reinterpret_cast<const float4*>(norm_weight + v * 8) + 1);
+#pragma unroll
+      for (int t = 0; t < TPB; ++t) {
+        if (t >= nt) continue;
+        // L1-cached: the block's eight warps read the same rows.
+        const float4* xv = reinterpret_cast<const float4*>(x + static_cast<int64_t>(t0 + t) * hidden + v * 8);
+        const float4 a = __ldca(xv), b = __ldca(xv + 1);
+        sum_sq[t] += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w + b.x * b.x + b.y * b.y + b.z * b.z + b.w * b.w;
+        dot[t] = dot8(wv[u], make_float4(na.x * a.x, na.y * a.y, na.z * a.z, na.w * a.w),
+                      make_float4(nb.x * b.x, nb.y * b.y, nb.z * b.z, nb.w * b.w), dot[t]);
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < TPB; ++t) {
+    if (t >= nt) continue;
+    // Every warp adds the same terms in the same order: the same inv_rms in all of them.
+    const float inv = 1.0f / sqrtf(warp_sum(sum_sq[t]) / static_cast<float>(hidden) + eps);
+    const float logit = warp_sum(dot[t]) * inv;
+    if (lane == 0 && row < rows) logits[(t0 + t) * rows + row] = logit;
+    if (blockIdx.x == 0) {  // h = norm_weight * (x * inv_rms), as rms_norm; the block's warps take a slice each
+      const float* xt = x + static_cast<int64_t>(t0 + t) * hidden;
+      float* ht = h + static_cast<int64_t>(t0 + t) * hidden;
+      for (int i = warp * 32 + lane; i < hidden; i += k_router_small_warps * 32) ht[i] = norm_weight[i] * (__ldcg(xt + i) * inv);
+    }
+  }
+
+  // The last block to finish takes the routes.
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) last = atomicAdd(ticket, 1u) == gridDim.x * gridDim.y - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  if (tid == 0) *ticket = 0;  // for the next launch (launches on a stream run one after another)
+  float* const probs = router_smem;  // [n][rows]
+  if (warp < n) {
+    for (int e = lane; e < rows; e += 32) probs[warp * rows + e] = __ldcg(logits + warp * rows + e);
+    __syncwarp();
+    route_token(probs + warp * rows, chosen_ids[warp], chosen_weights[warp], warp, num_experts, top_k, norm_topk_prob,
+                topk_ids, topk_weights, shared_gate, counts);
+  }
+  __syncthreads();
+  if (warp != 0) return;
+
+  // The n * top_k pairs (p = t * top_k + j) grouped by expert, as align_by_expert: sorted by expert,
+  // pair order within one. An expert has at most one pair per token, so at most n <= 8 pairs: one tile.
+  const int num_pairs = n * top_k;
+  auto id_of = [&](int p) { return chosen_ids[p / top_k][p % top_k]; };
+  int num_active = 0;
+  for (int e0 = 0; e0 <= num_experts; e0 += 32) {  // lane l: expert e0 + l (num_experts: the end offset)
+    const int e = e0 + lane;
+    int below = 0, own = 0;
+    for (int q = 0; q < num_pairs; ++q) {
+      const int f = id_of(q);
+      below += f < e ? 1 : 0;
+      own += f == e ? 1 : 0;
+    }
+    if (e <= num_experts) g.expert_offsets[e] = below;
+    const unsigned active = __ballot_sync(k_full_mask, own > 0);
+    if (own > 0) {
+      const int a = num_active + __popc(active & ((1u << lane) - 1u));
+      g.active_experts[a] = e;
+      g.tile_expert[a] = e;
+      g.tile_row[a] = below;
+    }
+    num_active += __popc(active);
+  }
+  for (int p = lane; p < num_pairs; p += 32) {
+    const int e = id_of(p);
+    int at = 0;
+    for (int q = 0; q < num_pairs; ++q) {
+      const int f = id_of(q);
+      at += f < e || (f == e && q < p) ? 1 : 0;
+    }
+    g.sorted_pairs[at] = p;
   }
   if (lane == 0) {
-    *g.num_active = top_k;
-    *g.num_tiles = top_k;
+    *g.num_active = num_active;
+    *g.num_tiles = num_active;
   }
 }
 
-// One block. Counts pairs per expert, lays out the offsets, the active experts and the grouped GEMM's
-// row tiles (tile_rows sorted rows each), then places every pair at its expert's slot, in pair order (a
-// ballot per 32 pairs). topk_ids: [num_pairs]. Dynamic shared memory: counts [E] and offsets [E + 1].
+// One block. Each warp takes a contiguous chunk of the pairs and counts its pairs per expert; a scan
+// over the warps gives each (warp, expert) its first sorted row, and thread 0 lays out the offsets, the
+// active experts and the grouped GEMM's row tiles (tile_rows sorted rows each). Then each warp places its
+// pairs in pair order, 32 at a time (__match_any_sync ranks the lanes of equal ids): every pair is read
+// twice, whatever the number of experts. topk_ids: [num_pairs]. Dynamic shared memory: [warps][num_experts]
+// counts (then next rows), [num_experts + 1] offsets.
 __global__ void align_kernel(ExpertGroups g, const int32_t* topk_ids, int num_pairs, int num_experts, int tile_rows) {
-  extern __shared__ int32_t counts[];
-  int32_t* offsets = counts + num_experts;
-  wait_for_previous_kernel();
+  extern __shared__ int32_t align_smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, num_warps = blockDim.x / 32;
-  for (int e = tid; e < num_experts; e += blockDim.x) counts[e] = 0;
+  int32_t* const warp_rows = align_smem;                          // [num_warps][num_experts]
+  int32_t* const offsets = align_smem + num_warps * num_experts;  // [num_experts + 1]
+  wait_for_previous_kernel();
+  for (int i = tid; i < num_warps * num_experts; i += blockDim.x) warp_rows[i] = 0;
   __syncthreads();
-  for (int p = tid; p < num_pairs; p += blockDim.x) atomicAdd(&counts[topk_ids[p]], 1);
+  const int chunk = (num_pairs + num_warps - 1) / num_warps;
+  const int begin = min(num_pairs, warp * chunk), end = min(num_pairs, begin + chunk);
+  for (int p = begin + lane; p < end; p += 32) atomicAdd(&warp_rows[warp * num_experts + topk_ids[p]], 1);
+  __syncthreads();
+  for (int e = tid; e < num_experts; e += blockDim.x) {  // each warp's first row within expert e; e's count
+    int run = 0;
+    for (int w = 0; w < num_warps; ++w) {
+      const int count = warp_rows[w * num_experts + e];
+      warp_rows[w * num_experts + e] = run;
+      run += count;
+    }
+    offsets[e + 1] = run;
+  }
   __syncthreads();
   if (tid == 0) {
     int num_active = 0, num_tiles = 0;
     offsets[0] = 0;
     for (int e = 0; e < num_experts; ++e) {
-      offsets[e + 1] = offsets[e] + counts[e];
-      if (counts[e] == 0) continue;
+      const int count = offsets[e + 1];
+      offsets[e + 1] = offsets[e] + count;
+      if (count == 0) continue;
       g.active_experts[num_active++] = e;
       for (int r = offsets[e]; r < offsets[e + 1]; r += tile_rows) {
         g.tile_expert[num_tiles] = e;
@@ -147,16 +288,15 @@ __global__ void align_kernel(ExpertGroups g, const int32_t* topk_ids, int num_pa
   }
   __syncthreads();
   for (int e = tid; e <= num_experts; e += blockDim.x) g.expert_offsets[e] = offsets[e];
-  for (int e = warp; e < num_experts; e += num_warps) {
-    if (counts[e] == 0) continue;
-    int next = offsets[e];
-    for (int c = 0; c < num_pairs; c += 32) {
-      const int p = c + lane;
-      const bool hit = p < num_pairs && topk_ids[p] == e;
-      const unsigned mask = __ballot_sync(k_full_mask, hit);
-      if (hit) g.sorted_pairs[next + __popc(mask & ((1u << lane) - 1u))] = p;
-      next += __popc(mask);
-    }
+  for (int c = begin; c < end; c += 32) {
+    const int p = c + lane;
+    const bool in = p < end;
+    const int e = in ? topk_ids[p] : -1;
+    const unsigned same = __match_any_sync(k_full_mask, e);  // the lanes with this lane's expert
+    if (in) g.sorted_pairs[offsets[e] + warp_rows[warp * num_experts + e] + __popc(same & ((1u << lane) - 1u))] = p;
+    __syncwarp();
+    if (in && lane == __ffs(same) - 1) warp_rows[warp * num_experts + e] += __popc(same);
+    __syncwarp();
   }
 }
 
@@ -179,25 +319,52 @@ ExpertGroups carve_expert_groups(int32_t* memory, int num_pairs, int num_experts
   return g;
 }
 
-bool router_topk(int32_t* topk_ids, float* topk_weights, float* shared_gate, const float* x, const bf16* w,
+void router_topk(int32_t* topk_ids, float* topk_weights, float* shared_gate, const float* x, const bf16* w,
                  int num_tokens, int hidden, int num_experts, int top_k, bool norm_topk_prob, cudaStream_t stream,
-                 const ExpertGroups* groups, ExpertCounts counts) {
-  if (num_tokens == 0) return false;
+                 ExpertCounts counts) {
+  if (num_tokens == 0) return;
   if (top_k < 1 || top_k > k_max_top_k || top_k > num_experts) argument_error("router_topk", "top_k must be in [1, min(32, num_experts)]");
   if (hidden % 8 != 0) argument_error("router_topk", "hidden must be a multiple of 8");
   const size_t smem = (static_cast<size_t>(num_experts) + 1) * sizeof(float);
   const int threads = num_tokens <= 64 ? 1024 : 256;
-  const bool group = groups != nullptr && num_tokens == 1;
   launch_kernel(router_topk_kernel, num_tokens, threads, smem, stream, topk_ids, topk_weights, shared_gate, x, w, hidden,
-                num_experts, top_k, norm_topk_prob, group ? *groups : ExpertGroups{}, group, counts);
+                num_experts, top_k, norm_topk_prob, counts);
   CUDA_CHECK_LAUNCH();
-  return group;
+}
+
+void router_small(int32_t* topk_ids, float* topk_weights, float* shared_gate, float* h, const float* x,
+                  const float* norm_weight, float eps, const bf16* w, int num_tokens, int hidden, int num_experts,
+                  int top_k, bool norm_topk_prob, const ExpertGroups& groups, ExpertCounts counts, float* logits,
+                  unsigned* ticket, cudaStream_t stream) {
+  if (num_tokens == 0) return;
+  if (num_tokens > k_router_small_max_tokens) argument_error("router_small", "more tokens than the small path takes");
+  if (top_k < 1 || top_k > k_max_top_k || top_k > num_experts) argument_error("router_small", "top_k must be in [1, min(32, num_experts)]");
+  if (hidden % 8 != 0) argument_error("router_small", "hidden must be a multiple of 8");
+  const int rows = num_experts + (shared_gate != nullptr ? 1 : 0);
+  // One token a block for up to two tokens (a decode of one sequence keeps few blocks), two from three on:
+  // more warps, each with less to read.
+  const size_t smem = static_cast<size_t>(num_tokens) * rows * sizeof(float);
+  auto run = [&](auto kernel, int tokens_per_block) {
+    if (smem > 48 * 1024)
+      CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    launch_kernel(kernel, dim3(ceil_div(rows, k_router_small_warps), ceil_div(num_tokens, tokens_per_block)),
+                  k_router_small_warps * 32, smem, stream, topk_ids, topk_weights, shared_gate, h, x, norm_weight, eps, w,
+                  num_tokens, hidden, num_experts, top_k, norm_topk_prob, groups, counts, logits, ticket);
+  };
+  if (num_tokens <= 2) run(router_small_kernel<1>, 1);
+  else run(router_small_kernel<2>, 2);
+  CUDA_CHECK_LAUNCH();
 }
 
 void align_by_expert(const ExpertGroups& groups, const int32_t* topk_ids, int num_pairs, int num_experts,
                      cudaStream_t stream) {
-  const size_t smem = (2 * static_cast<size_t>(num_experts) + 1) * sizeof(int32_t);
-  launch_kernel(align_kernel, 1, 1024, smem, stream, groups, topk_ids, num_pairs, num_experts,
+  if (num_pairs == 0) return;
+  // 32 warps where their counts fit in 40 KB of shared memory (up to 312 experts), fewer beyond.
+  const int warps = std::clamp((40 * 1024 / 4 - num_experts - 1) / std::max(num_experts, 1), 1, 32);
+  const size_t smem = (static_cast<size_t>(warps) * num_experts + num_experts + 1) * sizeof(int32_t);
+  if (smem > 48 * 1024)
+    CUDA_CHECK(cudaFuncSetAttribute(align_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  launch_kernel(align_kernel, 1, warps * 32, smem, stream, groups, topk_ids, num_pairs, num_experts,
                 expert_tile_rows(num_pairs, num_experts));
   CUDA_CHECK_LAUNCH();
 }
