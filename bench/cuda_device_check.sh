@@ -11,7 +11,9 @@
 # stay within one call's time limit.
 set -u
 # The binaries may come as one archive (the carried tree is capped at 64 MiB): build-cuda/bins.tar.xz of
-# moescope and tests/, made with `tar cf - -C DIR moescope tests | xz > build-cuda/bins.tar.xz`.
+# moescope and tests/ (and, for the kernels_bench step, cuda_kernels_bench with lib/ holding the Google
+# Benchmark library it links, which the GPU machine lacks), made with
+# `tar cf - -C DIR moescope tests [cuda_kernels_bench lib] | xz > build-cuda/bins.tar.xz`.
 if [ -f build-cuda/bins.tar.xz ]; then tar xJf build-cuda/bins.tar.xz -C build-cuda; fi
 out=${OUT:-/tmp/moescope-out}
 mkdir -p "$out"
@@ -58,6 +60,11 @@ step bench_high 150 build-cuda/moescope bench "$model" --device cuda --batch 1,6
 step bench_nopdl 120 env MOESCOPE_CUDA_PDL=0 build-cuda/moescope bench "$model" --device cuda --batch 1,64 --repeats 3 \
   --prefill 1x2048
 step bench_eager 120 build-cuda/moescope bench "$model" --device cuda --batch 1,64 --repeats 2 --enforce-eager
+# The kernels alone (Google Benchmark, CUDA events): prefill and decode attention, the grouped expert GEMMs.
+if [ -x build-cuda/cuda_kernels_bench ]; then
+  step kernels_bench 200 env LD_LIBRARY_PATH="$PWD/build-cuda/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+    build-cuda/cuda_kernels_bench
+fi
 step profile 120 env MOESCOPE_CUDA_PROFILE=1 build-cuda/moescope bench "$model" --device cuda --batch 1,64,256 --repeats 1 \
   --decode-tokens 8 --prefill 1x2048
 # The README's demo on the GPU: the shipped model, generation with the routing log and the per-pass JSONL,
@@ -68,6 +75,7 @@ echo "== kernel tests"; grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|error:|Ex
 echo "== backend tests"; grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|error:|Expected|Which is|actual|near-tie|bit for bit" "$out/backend.log" 2>/dev/null | cut -c1-220 | head -60
 echo "== transformers side by side"; grep -E "SUMMARY|FAILED|SKIPPED|OUT OF GPU MEMORY|WARNING|Error" "$out/hf_side_by_side.log" 2>/dev/null | cut -c1-240 | head -30
 echo "== real size vs transformers"; grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|real size|Expected|Which is|actual|Skipped" "$out/real_size.log" 2>/dev/null | cut -c1-300 | head -60
+echo "== kernels_bench"; grep -E "^BM_" "$out/kernels_bench.log" 2>/dev/null | sed -E 's/NVIDIA[^,]*, //' | cut -c1-200
 for b in bench bench_high bench_nopdl bench_eager; do echo "== $b"; grep -vE "^(command|moescope bench)" "$out/$b.log" 2>/dev/null | tail -30; done
 echo "== demo on the GPU"; grep -E "on cuda|demo:|== |exit" "$out/demo_gpu.log" 2>/dev/null | head -20
 echo "== decode and prefill tok/s, moescope (bench.json: 32 steps after a 128-token prompt) beside transformers (hf_throughput.json: generate, 127 steps after a 128-token prompt)"

@@ -10,7 +10,6 @@
 #include <numeric>
 #include <random>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "backend/cuda/device.h"
@@ -52,6 +51,19 @@ double time_with_events(benchmark::State& state, Run&& run) {
   return total_s;
 }
 
+template <typename Host>
+DeviceBuffer<typename Host::value_type> upload(const Host& host) {
+  DeviceBuffer<typename Host::value_type> d(host.size());
+  d.upload(host.data(), host.size());
+  return d;
+}
+
+std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
+  std::vector<uint16_t> out(v.size());
+  std::transform(v.begin(), v.end(), out.begin(), moescope::f32_to_bf16);
+  return out;
+}
+
 // Prefill attention of one sequence of `tokens` tokens from position 0 (the whole prompt in one pass):
 // tiles of 64 rows, cache blocks of 16 in shuffled order. Args: tokens, heads, kv heads, head_dim, cache
 // element (0: bf16, the tensor-core kernel where head_dim allows; 1: f32, the CUDA-core kernel).
@@ -80,11 +92,6 @@ void BM_AttentionPrefill(benchmark::State& state) {
   std::vector<int32_t> token_seq(static_cast<size_t>(tokens), 0), token_pos(static_cast<size_t>(tokens));
   std::iota(token_pos.begin(), token_pos.end(), 0);
 
-  auto upload = [](const auto& host) {
-    DeviceBuffer<typename std::decay_t<decltype(host)>::value_type> d(host.size());
-    d.upload(host.data(), host.size());
-    return d;
-  };
   auto d_q = upload(q);
   auto d_table = upload(table);
   auto d_tiles = upload(tiles);
@@ -96,11 +103,8 @@ void BM_AttentionPrefill(benchmark::State& state) {
     d_k32 = upload(k);
     d_v32 = upload(v);
   } else {
-    std::vector<uint16_t> k16(cache_elems), v16(cache_elems);
-    std::transform(k.begin(), k.end(), k16.begin(), moescope::f32_to_bf16);
-    std::transform(v.begin(), v.end(), v16.begin(), moescope::f32_to_bf16);
-    d_k16 = upload(k16);
-    d_v16 = upload(v16);
+    d_k16 = upload(to_bf16(k));
+    d_v16 = upload(to_bf16(v));
   }
   moescope::cuda::AttentionBatch ab;
   ab.block_tables = d_table.data();
@@ -138,6 +142,76 @@ BENCHMARK(BM_AttentionPrefill)
     ->Args({2048, 16, 16, 128, 0})
     ->Args({2048, 16, 16, 128, 1})
     ->Args({4096, 32, 4, 128, 0})
+    ->UseManualTime()
+    ->Unit(benchmark::kMicrosecond);
+
+// Decode attention: `batch` sequences of `context` cached positions each (the last one the new token's),
+// one query row per sequence, bf16 cache in blocks of 16 shuffled over all sequences. Args: batch, context,
+// heads, kv heads, head_dim. Reports the cache's bytes read per second (keys and values of every
+// sequence, each kv head once) against the device's bandwidth.
+void BM_AttentionDecode(benchmark::State& state) {
+  if (skip_without_gpu(state)) return;
+  const int batch = static_cast<int>(state.range(0)), context = static_cast<int>(state.range(1));
+  const int heads = static_cast<int>(state.range(2)), kv_heads = static_cast<int>(state.range(3));
+  const int hd = static_cast<int>(state.range(4));
+  const int block_size = 16, blocks_per_seq = (context + block_size - 1) / block_size;
+  const int num_blocks = batch * blocks_per_seq;
+  const size_t q_elems = static_cast<size_t>(batch) * heads * hd;
+  const size_t cache_elems = static_cast<size_t>(num_blocks) * block_size * kv_heads * hd;
+
+  std::mt19937 rng(2);
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  std::vector<float> q(q_elems), k(cache_elems), v(cache_elems);
+  for (float& x : q) x = uniform(rng);
+  for (float& x : k) x = uniform(rng);
+  for (float& x : v) x = uniform(rng);
+  std::vector<int32_t> ids(static_cast<size_t>(num_blocks));
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), rng);  // row s of the table: blocks_per_seq of them
+  std::vector<int32_t> rows(static_cast<size_t>(batch)), token_pos(static_cast<size_t>(batch), context - 1);
+  std::iota(rows.begin(), rows.end(), 0);  // decode row r is sequence r (token_seq = rows)
+
+  auto d_q = upload(q);
+  auto d_table = upload(ids);
+  auto d_rows = upload(rows);
+  auto d_pos = upload(token_pos);
+  auto d_k = upload(to_bf16(k));
+  auto d_v = upload(to_bf16(v));
+  DeviceBuffer<float> d_out(q_elems);
+  DeviceBuffer<uint16_t> d_out_bf16(q_elems);
+  moescope::cuda::AttentionBatch ab;
+  ab.block_tables = d_table.data();
+  ab.max_blocks = blocks_per_seq;
+  ab.block_size = block_size;
+  ab.decode_rows = d_rows.data();
+  ab.num_decode = batch;
+  ab.token_seq = d_rows.data();
+  ab.token_pos = d_pos.data();
+
+  auto run = [&] {  // as the large path calls it: the f32 output and its bf16 copy for o_proj
+    moescope::cuda::attention(d_out.data(), d_out_bf16.data(), d_q.data(), d_k.data(), d_v.data(), ab, heads, kv_heads,
+                              hd, nullptr);
+  };
+  run();
+  time_with_events(state, run);
+
+  std::vector<float> out(q_elems);
+  d_out.download(out.data(), out.size());
+  double checksum = 0.0;
+  for (float x : out) checksum += std::fabs(static_cast<double>(x));
+  const double bytes = 2.0 * batch * context * kv_heads * hd * sizeof(uint16_t);
+  state.counters["GB/s"] = benchmark::Counter(bytes * 1e-9 * static_cast<double>(state.iterations()),
+                                              benchmark::Counter::kIsRate);
+  state.SetLabel(moescope::cuda::device_description() + ", sum |out| " + std::to_string(checksum));
+}
+// Qwen1.5-MoE-A2.7B (16 heads, 16 kv heads, head_dim 128): batch 256 after a 128-token prompt (the bench's
+// decode), batch 1 at that length and at 4096; a GQA shape (32 heads, 4 kv heads) at batch 64 and 2048.
+BENCHMARK(BM_AttentionDecode)
+    ->ArgNames({"batch", "context", "heads", "kv_heads", "hd"})
+    ->Args({256, 144, 16, 16, 128})
+    ->Args({1, 144, 16, 16, 128})
+    ->Args({1, 4096, 16, 16, 128})
+    ->Args({64, 2048, 32, 4, 128})
     ->UseManualTime()
     ->Unit(benchmark::kMicrosecond);
 
