@@ -2,6 +2,7 @@
 // itself with the device and a checksum of its output, so that a faster but wrong kernel shows. Without
 // a GPU every case is skipped with the runtime's message.
 #include <benchmark/benchmark.h>
+#include <cublasLt.h>
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -12,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/cuda/blas.h"
 #include "backend/cuda/device.h"
 #include "backend/cuda/device_memory.h"
 #include "backend/cuda/kernels.h"
@@ -64,6 +66,23 @@ std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
   return out;
 }
 
+// Uniform q, k and v in [-1, 1), and the ids of the cache's blocks in shuffled order.
+struct AttentionInputs {
+  std::vector<float> q, k, v;
+  std::vector<int32_t> blocks;
+};
+AttentionInputs random_attention_inputs(size_t q_elems, size_t cache_elems, int num_blocks, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  AttentionInputs in{std::vector<float>(q_elems), std::vector<float>(cache_elems), std::vector<float>(cache_elems),
+                     std::vector<int32_t>(static_cast<size_t>(num_blocks))};
+  for (auto* v : {&in.q, &in.k, &in.v})
+    for (float& x : *v) x = uniform(rng);
+  std::iota(in.blocks.begin(), in.blocks.end(), 0);
+  std::shuffle(in.blocks.begin(), in.blocks.end(), rng);
+  return in;
+}
+
 // Prefill attention of one sequence of `tokens` tokens from position 0 (the whole prompt in one pass):
 // tiles of 64 rows, cache blocks of 16 in shuffled order. Args: tokens, heads, kv heads, head_dim, cache
 // element (0: bf16, the tensor-core kernel where head_dim allows; 1: f32, the CUDA-core kernel).
@@ -77,34 +96,26 @@ void BM_AttentionPrefill(benchmark::State& state) {
   const size_t q_elems = static_cast<size_t>(tokens) * heads * hd;
   const size_t cache_elems = static_cast<size_t>(num_blocks) * block_size * kv_heads * hd;
 
-  std::mt19937 rng(1);
-  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
-  std::vector<float> q(q_elems), k(cache_elems), v(cache_elems);
-  for (float& x : q) x = uniform(rng);
-  for (float& x : k) x = uniform(rng);
-  for (float& x : v) x = uniform(rng);
-  std::vector<int32_t> table(static_cast<size_t>(num_blocks));
-  std::iota(table.begin(), table.end(), 0);
-  std::shuffle(table.begin(), table.end(), rng);
+  const AttentionInputs in = random_attention_inputs(q_elems, cache_elems, num_blocks, 1);
   std::vector<moescope::cuda::PrefillTile> tiles;
   for (int r = 0; r < tokens; r += moescope::cuda::k_prefill_tile_rows)
     tiles.push_back({0, r, std::min(moescope::cuda::k_prefill_tile_rows, tokens - r), r});
   std::vector<int32_t> token_seq(static_cast<size_t>(tokens), 0), token_pos(static_cast<size_t>(tokens));
   std::iota(token_pos.begin(), token_pos.end(), 0);
 
-  auto d_q = upload(q);
-  auto d_table = upload(table);
+  auto d_q = upload(in.q);
+  auto d_table = upload(in.blocks);
   auto d_tiles = upload(tiles);
   auto d_seq = upload(token_seq);
   auto d_pos = upload(token_pos);
   DeviceBuffer<float> d_out(q_elems), d_k32, d_v32;
   DeviceBuffer<uint16_t> d_k16, d_v16, d_out_bf16(q_elems);
   if (f32_cache) {
-    d_k32 = upload(k);
-    d_v32 = upload(v);
+    d_k32 = upload(in.k);
+    d_v32 = upload(in.v);
   } else {
-    d_k16 = upload(to_bf16(k));
-    d_v16 = upload(to_bf16(v));
+    d_k16 = upload(to_bf16(in.k));
+    d_v16 = upload(to_bf16(in.v));
   }
   moescope::cuda::AttentionBatch ab;
   ab.block_tables = d_table.data();
@@ -159,24 +170,17 @@ void BM_AttentionDecode(benchmark::State& state) {
   const size_t q_elems = static_cast<size_t>(batch) * heads * hd;
   const size_t cache_elems = static_cast<size_t>(num_blocks) * block_size * kv_heads * hd;
 
-  std::mt19937 rng(2);
-  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
-  std::vector<float> q(q_elems), k(cache_elems), v(cache_elems);
-  for (float& x : q) x = uniform(rng);
-  for (float& x : k) x = uniform(rng);
-  for (float& x : v) x = uniform(rng);
-  std::vector<int32_t> ids(static_cast<size_t>(num_blocks));
-  std::iota(ids.begin(), ids.end(), 0);
-  std::shuffle(ids.begin(), ids.end(), rng);  // row s of the table: blocks_per_seq of them
+  // Row s of the block table: blocks_per_seq of the shuffled ids.
+  const AttentionInputs in = random_attention_inputs(q_elems, cache_elems, num_blocks, 2);
   std::vector<int32_t> rows(static_cast<size_t>(batch)), token_pos(static_cast<size_t>(batch), context - 1);
   std::iota(rows.begin(), rows.end(), 0);  // decode row r is sequence r (token_seq = rows)
 
-  auto d_q = upload(q);
-  auto d_table = upload(ids);
+  auto d_q = upload(in.q);
+  auto d_table = upload(in.blocks);
   auto d_rows = upload(rows);
   auto d_pos = upload(token_pos);
-  auto d_k = upload(to_bf16(k));
-  auto d_v = upload(to_bf16(v));
+  auto d_k = upload(to_bf16(in.k));
+  auto d_v = upload(to_bf16(in.v));
   DeviceBuffer<float> d_out(q_elems);
   DeviceBuffer<uint16_t> d_out_bf16(q_elems);
   moescope::cuda::AttentionBatch ab;
@@ -309,5 +313,95 @@ BENCHMARK(BM_CudaExpertsGrouped)
     ->Unit(benchmark::kMicrosecond);
 
 }  // namespace
+
+// cuBLASLt's descriptors of y^T [n, T] = w [k, n]^T . x^T [k, T] (column-major, as Blas::gemm puts it),
+// bf16 in, f32 out, and the first algorithms its heuristic offers for it.
+class LtProduct {
+ public:
+  LtProduct(int n, int tokens, int k, size_t workspace_bytes) {
+    CUBLAS_CHECK(cublasLtCreate(&lt_));
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc_, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasOperation_t trans = CUBLAS_OP_T, no = CUBLAS_OP_N;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc_, CUBLASLT_MATMUL_DESC_TRANSA, &trans, sizeof(trans)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc_, CUBLASLT_MATMUL_DESC_TRANSB, &no, sizeof(no)));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&a_, CUDA_R_16BF, k, n, k));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&b_, CUDA_R_16BF, k, tokens, k));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&c_, CUDA_R_32F, n, tokens, n));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref_));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref_, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes,
+                                                      sizeof(workspace_bytes)));
+    CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(lt_, desc_, a_, b_, c_, c_, pref_, 8, results_, &found_));
+  }
+  ~LtProduct() {
+    cublasLtMatmulPreferenceDestroy(pref_);
+    cublasLtMatrixLayoutDestroy(a_);
+    cublasLtMatrixLayoutDestroy(b_);
+    cublasLtMatrixLayoutDestroy(c_);
+    cublasLtMatmulDescDestroy(desc_);
+    cublasLtDestroy(lt_);
+  }
+  LtProduct(const LtProduct&) = delete;
+  LtProduct& operator=(const LtProduct&) = delete;
+  int algorithms() const { return found_; }
+  void run(int algo, float* y, const uint16_t* w, const uint16_t* x, DeviceBuffer<char>& workspace) {
+    const float alpha = 1.0f, beta = 0.0f;
+    CUBLAS_CHECK(cublasLtMatmul(lt_, desc_, &alpha, w, a_, x, b_, &beta, y, c_, y, c_, &results_[algo].algo,
+                                workspace.data(), workspace.size(), nullptr));
+  }
+
+ private:
+  cublasLtHandle_t lt_ = nullptr;
+  cublasLtMatmulDesc_t desc_ = nullptr;
+  cublasLtMatrixLayout_t a_ = nullptr, b_ = nullptr, c_ = nullptr;
+  cublasLtMatmulPreference_t pref_ = nullptr;
+  cublasLtMatmulHeuristicResult_t results_[8] = {};
+  int found_ = 0;
+};
+
+// The dense products of decode-sized large passes, as Blas::gemm runs them (algo -1: cublasGemmEx), and
+// each of the first 8 algorithms cuBLASLt's heuristic offers for the same product (algo 0..7), to see
+// how far the default is from the best cuBLAS has. Args: n (output features), tokens, k, algo. Reports
+// the weights' bytes per second (bf16 [n, k]).
+void BM_DenseGemm(benchmark::State& state) {
+  if (skip_without_gpu(state)) return;
+  const int n = static_cast<int>(state.range(0)), tokens = static_cast<int>(state.range(1));
+  const int k = static_cast<int>(state.range(2)), algo = static_cast<int>(state.range(3));
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  std::vector<float> w(static_cast<size_t>(n) * k), x(static_cast<size_t>(tokens) * k);
+  for (float& v : w) v = uniform(rng) * 0.05f;
+  for (float& v : x) v = uniform(rng);
+  auto d_w = upload(to_bf16(w));
+  auto d_x = upload(to_bf16(x));
+  DeviceBuffer<float> d_y(static_cast<size_t>(tokens) * n);
+  DeviceBuffer<char> workspace(size_t{32} << 20);
+  moescope::cuda::Blas blas;
+  blas.set_stream(nullptr);
+  LtProduct lt(n, tokens, k, workspace.size());
+  if (algo >= lt.algorithms()) {
+    state.SkipWithError(("the heuristic offers " + std::to_string(lt.algorithms()) + " algorithms").c_str());
+    return;
+  }
+  auto run = [&] {
+    if (algo < 0) blas.gemm(d_y.data(), n, d_x.data(), d_w.data(), tokens, n, k, 0.0f);
+    else lt.run(algo, d_y.data(), d_w.data(), d_x.data(), workspace);
+  };
+  run();
+  CUDA_CHECK(cudaDeviceSynchronize());
+  time_with_events(state, run);
+  std::vector<float> y(static_cast<size_t>(tokens) * n);
+  d_y.download(y.data(), y.size());
+  double checksum = 0.0;
+  for (float v : y) checksum += std::fabs(static_cast<double>(v));
+  state.counters["GB/s"] = benchmark::Counter(2.0 * n * k * 1e-9 * static_cast<double>(state.iterations()),
+                                              benchmark::Counter::kIsRate);
+  state.SetLabel("sum |y| " + std::to_string(checksum));
+}
+// Qwen1.5-MoE-A2.7B's q/k/v (6144 x 2048) and o_proj (2048 x 2048) at 64 and 256 tokens.
+BENCHMARK(BM_DenseGemm)
+    ->ArgNames({"n", "tokens", "k", "algo"})
+    ->ArgsProduct({{6144, 2048}, {64, 256}, {2048}, {-1, 0, 1, 2, 3, 4, 5, 6, 7}})
+    ->UseManualTime()
+    ->Unit(benchmark::kMicrosecond);
 
 BENCHMARK_MAIN();

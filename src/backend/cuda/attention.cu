@@ -318,7 +318,8 @@ __global__ void __launch_bounds__(k_mma_threads)
       const int j = piece_row + RPP * i, pos = k0 + j;
       const bool valid = pos <= last_pos;
       const int blk = bs_pow2 ? pos >> bs_shift : pos / bs;
-      const int64_t at = valid ? (static_cast<int64_t>(block_table[blk]) * bs + (pos - blk * bs)) * kv_size + kvh * hd + piece : 0;
+      const int64_t cache_pos = valid ? static_cast<int64_t>(block_table[blk]) * bs + (pos - blk * bs) : 0;
+      const int64_t at = valid ? cache_pos * kv_size + kvh * hd + piece : 0;
       if (piece_in) {
         cp_async16(kd + j * pitch + piece, k_cache + at, valid);
         cp_async16(vd + j * pitch + piece, v_cache + at, valid);
