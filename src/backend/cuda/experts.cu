@@ -2,6 +2,8 @@
 // Small passes: warps over the rows of each active expert, each row read once for all of its tokens.
 // Large passes: grouped GEMMs on the tensor cores (mma.sync m16n8k16, bf16 in, f32 accumulate) over
 // the expert-sorted pairs, SwiGLU fused into gate/up, routing weight and un-permute into down.
+#include <type_traits>
+
 #include "backend/cuda/gemv.cuh"
 #include "backend/cuda/mma.cuh"
 
@@ -153,7 +155,7 @@ __global__ void __launch_bounds__(k_small_warps * 32)
 // shared -> registers with ldmatrix.x4. Slices that hold no row of the tile are neither loaded nor
 // multiplied: a tile of 5 rows costs one m16 slice per warp, and its weights still stream once.
 // Two configurations (the host picks one from the pairs per expert, as align_by_expert does its tiles):
-//   few rows per expert (decode batches, bandwidth-bound): BM 64, 1 x 4 warps, BK 64, 4 stages (3 SPLIT);
+//   few rows per expert (decode batches, bandwidth-bound): BM 64, 1 x 4 warps, BK 128, 2 stages (SPLIT: BK 64, 3);
 //   many rows per expert (prefill, compute-bound): BM 128, 2 x 4 warps, BK 32, 4 stages (3 SPLIT).
 
 template <bool GATED, bool SPLIT, int BM_, int WARPS_M_, int BK_, int STAGES_>
@@ -180,8 +182,12 @@ struct GemmConfig {
   static_assert(SMEM_BYTES <= 163 * 1024, "fits sm_80's shared memory per block");
 };
 
+// Decode batches stream the experts' weights: long k tiles (256 bytes of each weight row a stage) serve the
+// bandwidth better than deep pipelines (cuda_kernels_bench on the H100, 256 tokens: BK 128 x 2 stages 0.83
+// of the floor, BK 64 x 4 stages 0.80, BK 32 0.59); the two-term products keep BK 64 x 3 stages, which
+// leaves room for their second activation term (BK 128 x 2 stages: 0.70 against 0.84 at 64 tokens).
 template <bool GATED, bool SPLIT>
-using DecodeGemm = GemmConfig<GATED, SPLIT, 64, 1, 64, SPLIT ? 3 : 4>;
+using DecodeGemm = std::conditional_t<SPLIT, GemmConfig<GATED, true, 64, 1, 64, 3>, GemmConfig<GATED, false, 64, 1, 128, 2>>;
 template <bool GATED, bool SPLIT>
 using PrefillGemm = GemmConfig<GATED, SPLIT, 128, 2, 32, SPLIT ? 3 : 4>;
 
