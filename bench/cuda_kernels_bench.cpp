@@ -66,6 +66,15 @@ std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
   return out;
 }
 
+// Sum of |x| over a device buffer's first n floats: the checksum a case prints beside its timing.
+double sum_abs(const DeviceBuffer<float>& d, size_t n) {
+  std::vector<float> host(n);
+  d.download(host.data(), n);
+  double sum = 0.0;
+  for (float x : host) sum += std::fabs(static_cast<double>(x));
+  return sum;
+}
+
 // Uniform q, k and v in [-1, 1), and the ids of the cache's blocks in shuffled order.
 struct AttentionInputs {
   std::vector<float> q, k, v;
@@ -138,10 +147,7 @@ void BM_AttentionPrefill(benchmark::State& state) {
   run();  // warm-up (and the opt-in to large shared memory)
   time_with_events(state, run);
 
-  std::vector<float> out(q_elems);
-  d_out.download(out.data(), out.size());
-  double checksum = 0.0;
-  for (float x : out) checksum += std::fabs(static_cast<double>(x));
+  const double checksum = sum_abs(d_out, q_elems);
   const double pairs = 0.5 * static_cast<double>(tokens) * (tokens + 1);
   state.counters["TFLOP/s"] = benchmark::Counter(4.0 * hd * heads * pairs * 1e-12 * static_cast<double>(state.iterations()),
                                                  benchmark::Counter::kIsRate);
@@ -199,10 +205,7 @@ void BM_AttentionDecode(benchmark::State& state) {
   run();
   time_with_events(state, run);
 
-  std::vector<float> out(q_elems);
-  d_out.download(out.data(), out.size());
-  double checksum = 0.0;
-  for (float x : out) checksum += std::fabs(static_cast<double>(x));
+  const double checksum = sum_abs(d_out, q_elems);
   const double bytes = 2.0 * batch * context * kv_heads * hd * sizeof(uint16_t);
   state.counters["GB/s"] = benchmark::Counter(bytes * 1e-9 * static_cast<double>(state.iterations()),
                                               benchmark::Counter::kIsRate);
@@ -389,10 +392,7 @@ void BM_DenseGemm(benchmark::State& state) {
   run();
   CUDA_CHECK(cudaDeviceSynchronize());
   time_with_events(state, run);
-  std::vector<float> y(static_cast<size_t>(tokens) * n);
-  d_y.download(y.data(), y.size());
-  double checksum = 0.0;
-  for (float v : y) checksum += std::fabs(static_cast<double>(v));
+  const double checksum = sum_abs(d_y, static_cast<size_t>(tokens) * n);
   state.counters["GB/s"] = benchmark::Counter(2.0 * n * k * 1e-9 * static_cast<double>(state.iterations()),
                                               benchmark::Counter::kIsRate);
   state.SetLabel("sum |y| " + std::to_string(checksum));

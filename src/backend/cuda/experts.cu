@@ -414,7 +414,7 @@ void dispatch_grouped_gemm(int num_pairs, int num_experts, cudaStream_t stream, 
                            int num_slots, ConstBf16Pair a_src, const float* topk_weights, const ExpertWeights& w,
                            const ExpertGroups& groups, int hidden, int top_k, const DenseTiles& dense) {
   const int tile_rows = expert_tile_rows(num_pairs, num_experts);
-  const int max_tiles = num_experts > 0 ? max_expert_tiles(num_pairs, num_experts, tile_rows) : 0;
+  const int max_tiles = max_expert_tiles(num_pairs, num_experts, tile_rows);
   if (tile_rows == PrefillGemm<GATED, SPLIT>::BM)
     launch_grouped_gemm<GATED, SPLIT, PrefillGemm<GATED, SPLIT>>(max_tiles, stream, hb, ffn_out, num_slots, a_src,
                                                                  topk_weights, w, groups, hidden, top_k, dense);
@@ -472,19 +472,18 @@ void experts_gate_up_grouped(Bf16Pair hb, ConstBf16Pair xb, const ExpertWeights&
                              int num_tokens, int hidden, int num_experts, int top_k, cudaStream_t stream,
                              Bf16Pair dense_hb) {
   const int num_pairs = num_tokens * top_k;
+  if (num_pairs == 0 || num_experts == 0) return;
   const bool with_dense = dense_hb.hi != nullptr;
-  if (num_tokens == 0 || ((num_pairs == 0 || num_experts == 0) && !with_dense)) return;
   if (hidden % 8 != 0) argument_error("experts_gate_up_grouped", "hidden must be a multiple of 8");
   if ((xb.lo == nullptr) != (hb.lo == nullptr) || (with_dense && (xb.lo == nullptr) != (dense_hb.lo == nullptr)))
     argument_error("experts_gate_up_grouped", "the input and the outputs have a lo term together or not at all");
   if (with_dense && w.dense_gate_up == nullptr) argument_error("experts_gate_up_grouped", "a dense output without dense weights");
   const DenseTiles dense{dense_hb, {}, with_dense ? num_tokens : 0, 0};
-  const int routed_experts = num_pairs > 0 ? num_experts : 0;
   if (xb.lo != nullptr)
-    dispatch_grouped_gemm<true, true>(num_pairs, routed_experts, stream, hb, nullptr, 0, xb, nullptr, w, groups, hidden,
+    dispatch_grouped_gemm<true, true>(num_pairs, num_experts, stream, hb, nullptr, 0, xb, nullptr, w, groups, hidden,
                                       top_k, dense);
   else
-    dispatch_grouped_gemm<true, false>(num_pairs, routed_experts, stream, hb, nullptr, 0, xb, nullptr, w, groups, hidden,
+    dispatch_grouped_gemm<true, false>(num_pairs, num_experts, stream, hb, nullptr, 0, xb, nullptr, w, groups, hidden,
                                        top_k, dense);
 }
 
@@ -492,21 +491,20 @@ void experts_down_grouped(float* ffn_out, int num_slots, ConstBf16Pair hb, const
                           const ExpertWeights& w, const ExpertGroups& groups, int num_tokens, int hidden,
                           int num_experts, int top_k, cudaStream_t stream, ConstBf16Pair dense_hb) {
   const int num_pairs = num_tokens * top_k;
+  if (num_pairs == 0 || num_experts == 0) return;
   const bool with_dense = dense_hb.hi != nullptr;
-  if (num_tokens == 0 || ((num_pairs == 0 || num_experts == 0) && !with_dense)) return;
-  if ((num_experts > 0 && w.inter % 8 != 0) || (with_dense && w.dense_inter % 8 != 0))
+  if (w.inter % 8 != 0 || (with_dense && w.dense_inter % 8 != 0))
     argument_error("experts_down_grouped", "intermediate sizes must be multiples of 8");
   if (with_dense && ((hb.lo == nullptr) != (dense_hb.lo == nullptr)))
     argument_error("experts_down_grouped", "the routed and the dense inputs have a lo term together or not at all");
   if (with_dense && w.dense_down == nullptr) argument_error("experts_down_grouped", "a dense input without dense weights");
   const DenseTiles dense{{}, dense_hb, with_dense ? num_tokens : 0, 0};
-  const int routed_experts = num_pairs > 0 ? num_experts : 0;
   if (hb.lo != nullptr)
-    dispatch_grouped_gemm<false, true>(num_pairs, routed_experts, stream, nullptr, ffn_out, num_slots, hb, topk_weights,
-                                       w, groups, hidden, top_k, dense);
+    dispatch_grouped_gemm<false, true>(num_pairs, num_experts, stream, nullptr, ffn_out, num_slots, hb, topk_weights, w,
+                                       groups, hidden, top_k, dense);
   else
-    dispatch_grouped_gemm<false, false>(num_pairs, routed_experts, stream, nullptr, ffn_out, num_slots, hb, topk_weights,
-                                        w, groups, hidden, top_k, dense);
+    dispatch_grouped_gemm<false, false>(num_pairs, num_experts, stream, nullptr, ffn_out, num_slots, hb, topk_weights, w,
+                                        groups, hidden, top_k, dense);
 }
 
 }  // namespace moescope::cuda
