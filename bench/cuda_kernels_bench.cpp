@@ -225,26 +225,36 @@ BENCHMARK(BM_AttentionDecode)
 // The large path's grouped expert GEMMs (experts_gate_up_grouped + experts_down_grouped, as run_layers
 // calls them) at Qwen1.5-MoE-A2.7B's shapes: hidden 2048, 60 experts, moe_intermediate 1408, top-4, with
 // random routes (top_k distinct experts per token, uniform). Args: tokens, two activation terms (1:
-// --matmul-precision high). Time per iteration: CUDA events around the two launches. Counters:
-// GB/s = bytes of the experts the step touches (gate/up and down of each expert with a pair) per second,
+// --matmul-precision high), wgmma (1: allowed where the GPU has it, for products of one term; 0: the
+// mma.sync kernels, as MOESCOPE_CUDA_WGMMA=0), shared (1: the shared expert, intermediate 5632, in the same
+// launches as a dense group of every token, as the backend runs decode-sized passes; larger ones give it
+// to cuBLAS). Time per iteration: CUDA events around the two launches. Counters: GB/s = bytes of the
+// experts the step touches (gate/up and down of each expert with a pair, and the shared one) per second,
 // of_floor = that against the device's read bandwidth (measured once, the way `moescope bench` does),
-// TFLOP/s = 2 * pairs * 3 * inter * hidden per second (the model's products, one term), rows/expert =
-// pairs / touched experts.
+// TFLOP/s = 2 * (pairs * inter + shared tokens * 5632) * 3 * hidden per second (the model's products, one
+// term), rows/expert = pairs / touched experts, wgmma = whether the wgmma kernels ran.
 void BM_CudaExpertsGrouped(benchmark::State& state) {
   namespace cuda = moescope::cuda;
   if (skip_without_gpu(state)) return;
   constexpr int hidden = 2048, experts = 60, inter = 1408, top_k = 4;
   const int tokens = static_cast<int>(state.range(0)), pairs = tokens * top_k;
   const bool split = state.range(1) != 0;
+  cuda::set_wgmma_allowed(state.range(2) != 0);
   // The weights (1 GiB: well past the L2) are shared by every case; values do not change the timing
   // (0x3c3c: about 0.0115, no denormals).
+  constexpr int shared_inter = 5632;
+  const bool shared = state.range(3) != 0;
   struct Weights {
     cuda::DeviceBuffer<uint16_t> gate_up{static_cast<size_t>(experts) * 2 * inter * hidden};
     cuda::DeviceBuffer<uint16_t> down{static_cast<size_t>(experts) * hidden * inter};
+    cuda::DeviceBuffer<uint16_t> shared_gate_up{static_cast<size_t>(2) * shared_inter * hidden};
+    cuda::DeviceBuffer<uint16_t> shared_down{static_cast<size_t>(hidden) * shared_inter};
     double read_gb_per_s = 0.0;
     Weights() {
       CUDA_CHECK(cudaMemset(gate_up.data(), 0x3c, gate_up.bytes()));
       CUDA_CHECK(cudaMemset(down.data(), 0x3c, down.bytes()));
+      CUDA_CHECK(cudaMemset(shared_gate_up.data(), 0x3c, shared_gate_up.bytes()));
+      CUDA_CHECK(cudaMemset(shared_down.data(), 0x3c, shared_down.bytes()));
       read_gb_per_s = cuda::measure_read_bandwidth(size_t{2} << 30, 5).best_gb_per_s;
     }
   };
@@ -253,6 +263,11 @@ void BM_CudaExpertsGrouped(benchmark::State& state) {
   w.gate_up = weights.gate_up.data();
   w.down = weights.down.data();
   w.inter = inter;
+  if (shared) {
+    w.dense_gate_up = weights.shared_gate_up.data();
+    w.dense_down = weights.shared_down.data();
+    w.dense_inter = shared_inter;
+  }
 
   std::mt19937 rng(static_cast<unsigned>(tokens));
   std::vector<int32_t> ids(static_cast<size_t>(pairs));
@@ -278,14 +293,19 @@ void BM_CudaExpertsGrouped(benchmark::State& state) {
   const int terms = split ? 2 : 1;
   cuda::DeviceBuffer<uint16_t> xb(static_cast<size_t>(tokens) * hidden * terms);
   cuda::DeviceBuffer<uint16_t> hb(static_cast<size_t>(pairs) * inter * terms);
-  cuda::DeviceBuffer<float> ffn_out(static_cast<size_t>(pairs) * hidden);
   CUDA_CHECK(cudaMemset(xb.data(), 0x3c, xb.bytes()));
   const cuda::Bf16Pair x_pair{xb.data(), split ? xb.data() + static_cast<size_t>(tokens) * hidden : nullptr};
   const cuda::Bf16Pair h_pair{hb.data(), split ? hb.data() + static_cast<size_t>(pairs) * inter : nullptr};
+  cuda::DeviceBuffer<uint16_t> dense_hb(shared ? static_cast<size_t>(tokens) * shared_inter * terms : 0);
+  const cuda::Bf16Pair dense_pair =
+      shared ? cuda::Bf16Pair{dense_hb.data(), split ? dense_hb.data() + static_cast<size_t>(tokens) * shared_inter : nullptr}
+             : cuda::Bf16Pair{};
+  const int slots = top_k + (shared ? 1 : 0);
+  cuda::DeviceBuffer<float> ffn_out(static_cast<size_t>(tokens) * slots * hidden);
   auto run = [&] {
-    cuda::experts_gate_up_grouped(h_pair, x_pair, w, groups, tokens, hidden, experts, top_k, nullptr);
-    cuda::experts_down_grouped(ffn_out.data(), top_k, h_pair, d_weights.data(), w, groups, tokens, hidden, experts,
-                               top_k, nullptr);
+    cuda::experts_gate_up_grouped(h_pair, x_pair, w, groups, tokens, hidden, experts, top_k, nullptr, dense_pair);
+    cuda::experts_down_grouped(ffn_out.data(), slots, h_pair, d_weights.data(), w, groups, tokens, hidden, experts,
+                               top_k, nullptr, dense_pair);
   };
   run();  // warm-up (and the kernels' one-time attribute calls)
   CUDA_CHECK(cudaDeviceSynchronize());
@@ -293,25 +313,41 @@ void BM_CudaExpertsGrouped(benchmark::State& state) {
   const double total_s = time_with_events(state, run);
 
   const double iterations = static_cast<double>(state.iterations());
-  const double bytes = static_cast<double>(num_touched) * 3.0 * inter * hidden * sizeof(uint16_t);
-  const double flops = 2.0 * pairs * 3.0 * inter * hidden;
+  const double bytes = (static_cast<double>(num_touched) * inter + (shared ? shared_inter : 0)) * 3.0 * hidden * sizeof(uint16_t);
+  const double flops = 2.0 * (static_cast<double>(pairs) * inter + (shared ? static_cast<double>(tokens) * shared_inter : 0)) * 3.0 * hidden;
   const double gb_per_s = total_s > 0 ? bytes * iterations / total_s * 1e-9 : 0.0;
   state.counters["GB/s"] = gb_per_s;
   state.counters["of_floor"] = weights.read_gb_per_s > 0 ? gb_per_s / weights.read_gb_per_s : 0.0;
   state.counters["TFLOP/s"] = total_s > 0 ? flops * iterations / total_s * 1e-12 : 0.0;
   state.counters["touched"] = static_cast<double>(num_touched);
   state.counters["rows/expert"] = static_cast<double>(pairs) / static_cast<double>(num_touched);
+  state.counters["wgmma"] = !split && cuda::wgmma_allowed() && cuda::wgmma_available() ? 1.0 : 0.0;
+  cuda::set_wgmma_allowed(true);
 }
 BENCHMARK(BM_CudaExpertsGrouped)
-    ->ArgNames({"tokens", "high"})
-    ->Args({16, 0})
-    ->Args({64, 0})
-    ->Args({256, 0})
-    ->Args({512, 0})
-    ->Args({1024, 0})
-    ->Args({2048, 0})
-    ->Args({64, 1})
-    ->Args({2048, 1})
+    ->ArgNames({"tokens", "high", "wgmma", "shared"})
+    ->Args({16, 0, 1, 0})
+    ->Args({16, 0, 0, 0})
+    ->Args({64, 0, 1, 0})
+    ->Args({64, 0, 0, 0})
+    ->Args({64, 0, 1, 1})
+    ->Args({64, 0, 0, 1})
+    ->Args({256, 0, 1, 0})
+    ->Args({256, 0, 0, 0})
+    ->Args({256, 0, 1, 1})
+    ->Args({256, 0, 0, 1})
+    ->Args({512, 0, 1, 0})
+    ->Args({512, 0, 0, 0})
+    ->Args({1024, 0, 1, 0})
+    ->Args({1024, 0, 0, 0})
+    ->Args({1024, 0, 1, 1})
+    ->Args({2048, 0, 1, 0})
+    ->Args({2048, 0, 0, 0})
+    ->Args({2048, 0, 1, 1})
+    ->Args({8192, 0, 1, 0})
+    ->Args({8192, 0, 0, 0})
+    ->Args({64, 1, 1, 0})
+    ->Args({2048, 1, 1, 0})
     ->UseManualTime()
     ->Unit(benchmark::kMicrosecond);
 

@@ -898,6 +898,13 @@ CudaBackend::CudaBackend(std::shared_ptr<const ModelWeights> weights, CudaBacken
   CUDA_CHECK(cudaGetDevice(&device));
   CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   set_programmatic_launch(major >= 9 && pdl != "0");
+  // The grouped GEMMs of large passes on wgmma where the GPU runs the sm_90a code; MOESCOPE_CUDA_WGMMA=0
+  // keeps them on mma.sync (a diagnostic). Probed here, before any graph is captured.
+  const char* wgmma_env = std::getenv("MOESCOPE_CUDA_WGMMA");
+  const std::string wgmma = wgmma_env == nullptr ? "" : wgmma_env;
+  if (!wgmma.empty() && wgmma != "0" && wgmma != "1") fail("MOESCOPE_CUDA_WGMMA={}: expected 0 or 1", wgmma);
+  set_wgmma_allowed(wgmma != "0");
+  wgmma_available();
   CUDA_CHECK(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking));
   m.blas_handle = std::make_unique<Blas>();
   m.router_ticket = DeviceBuffer<unsigned>(1);

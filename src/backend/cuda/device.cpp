@@ -8,10 +8,13 @@ namespace moescope::cuda {
 
 namespace {
 bool g_programmatic_launch = false;
+bool g_wgmma_allowed = true;
 }  // namespace
 
 void set_programmatic_launch(bool on) { g_programmatic_launch = on; }
 bool programmatic_launch() { return g_programmatic_launch; }
+void set_wgmma_allowed(bool on) { g_wgmma_allowed = on; }
+bool wgmma_allowed() { return g_wgmma_allowed; }
 
 bool device_available(std::string* why) {
   int count = 0;

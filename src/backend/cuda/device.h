@@ -19,4 +19,10 @@ std::string device_description();
 void set_programmatic_launch(bool on);
 bool programmatic_launch();
 
+// Hopper's warpgroup MMA (wgmma, sm_90a) for the grouped expert GEMMs of large passes, where the GPU runs
+// this build's sm_90a code (wgmma_available(), kernels.h). Allowed unless turned off:
+// MOESCOPE_CUDA_WGMMA=0 keeps the mma.sync kernels (a diagnostic, and the tests' comparison).
+void set_wgmma_allowed(bool on);
+bool wgmma_allowed();
+
 }  // namespace moescope::cuda

@@ -4,8 +4,13 @@
 // the expert-sorted pairs, SwiGLU fused into gate/up, routing weight and un-permute into down.
 #include <type_traits>
 
+#include <array>
+#include <atomic>
+
+#include "backend/cuda/device_memory.h"
 #include "backend/cuda/gemv.cuh"
 #include "backend/cuda/mma.cuh"
+#include "backend/cuda/wgmma.cuh"
 
 namespace moescope::cuda {
 namespace {
@@ -391,6 +396,223 @@ __global__ void __launch_bounds__(Cfg::THREADS)
   }
 }
 
+// ---- the grouped GEMM on Hopper (sm_90a): wgmma ------------------------------------------------------
+//
+// The same products as grouped_gemm_kernel's, one activation term (the two-term products of
+// --matmul-precision high keep mma.sync). A CTA of WGS warpgroups computes one tile of 64 WGS rows (the
+// tiles of align_by_expert: 64 rows for decode batches, 128 for prefill) against 128 gate columns and the
+// 128 matching up columns (GATED) or 256 down columns. Warpgroup w owns rows 64w..64w+63 and, per k16
+// step, issues two m64n128k16 (gate and up, or the two halves of the columns) from shared memory; a
+// warpgroup without rows in the tile issues none. Operands go global -> shared with cp.async into the
+// 128-byte-swizzled layout the descriptors describe (wgmma.cuh), 64 k a stage, STAGES - 2 stages ahead of
+// the products: decode tiles (5 stages, one warpgroup) keep three stages of weights in flight, near the
+// bandwidth; prefill tiles (4 stages, two warpgroups) two, with one batch of products running behind.
+template <int WGS_, int STAGES_>
+struct WgmmaGemm {
+  static constexpr int WGS = WGS_, STAGES = STAGES_;
+  static constexpr int BM = 64 * WGS, THREADS = 128 * WGS, BK = 64;
+  static constexpr int HALF = 128;                 // columns of one m64n128 product
+  static constexpr int B_ROWS = 2 * HALF;          // weight rows a stage holds
+  static constexpr int ROW_BYTES = BK * 2;         // 128: one swizzle atom's width
+  static constexpr int A_BYTES = BM * ROW_BYTES, STAGE_BYTES = A_BYTES + B_ROWS * ROW_BYTES;
+  static constexpr int COPY_ROWS = THREADS / 8;    // rows one pass of the threads copies (8 chunks a row)
+  static constexpr int A_ITERS = BM / COPY_ROWS, B_ITERS = B_ROWS / COPY_ROWS;
+  static constexpr size_t SMEM_BYTES = static_cast<size_t>(STAGES) * STAGE_BYTES + 1024;  // + base alignment
+  __host__ __device__ static constexpr int columns(bool gated) { return gated ? HALF : 2 * HALF; }
+  static_assert(STAGE_BYTES % 1024 == 0, "every stage's operands start 1024-aligned");
+  static_assert(SMEM_BYTES <= 227 * 1024, "fits sm_90's shared memory per block");
+};
+using WgmmaDecode = WgmmaGemm<1, 5>;
+using WgmmaPrefill = WgmmaGemm<2, 4>;
+
+__device__ __forceinline__ void cp_async16_shared(uint32_t smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0));
+}
+
+// As grouped_gemm_kernel (GATED: hb[s, n] = silu(a[s] . gate[n]) * (a[s] . up[n]); else ffn_out[t, j, n] =
+// topk_weights[pair] * (hb[s] . down[n]); the dense group as there). 1-D grid: dense.blocks dense tiles
+// first (row tile fastest), then max_tiles x ceil(N / columns) routed ones (tile fastest); tiles past
+// *num_tiles exit. Dynamic shared memory: Cfg::SMEM_BYTES.
+template <bool GATED, class Cfg>
+__global__ void __launch_bounds__(Cfg::THREADS, 1)
+    grouped_gemm_wgmma_kernel(bf16* hb, float* ffn_out, int num_slots, const bf16* a_src, const float* topk_weights,
+                              ExpertWeights w, ExpertGroups groups, int hidden, int top_k, DenseTiles dense,
+                              int max_tiles) {
+#if MOESCOPE_WGMMA
+  constexpr int BM = Cfg::BM, BK = Cfg::BK, STAGES = Cfg::STAGES, HALF = Cfg::HALF;
+  constexpr int A_ITERS = Cfg::A_ITERS, B_ITERS = Cfg::B_ITERS, COPY_ROWS = Cfg::COPY_ROWS;
+  constexpr int COLUMNS = Cfg::columns(GATED);
+  extern __shared__ __align__(16) unsigned char wgmma_smem[];
+  const uint32_t smem = (static_cast<uint32_t>(__cvta_generic_to_shared(wgmma_smem)) + 1023) & ~1023u;
+  wait_for_previous_kernel();
+
+  const int block = static_cast<int>(blockIdx.x);
+  const bool is_dense = block < dense.blocks;
+  int row0, rows, n0, inter;
+  const bf16* b_base;
+  if (is_dense) {
+    const int row_tiles = (dense.tokens + BM - 1) / BM;
+    row0 = (block % row_tiles) * BM;
+    rows = min(BM, dense.tokens - row0);
+    n0 = (block / row_tiles) * COLUMNS;
+    inter = w.dense_inter;
+    b_base = GATED ? w.dense_gate_up : w.dense_down;
+  } else {
+    const int b = block - dense.blocks, tile = b % max_tiles;
+    if (tile >= *groups.num_tiles) return;
+    const int e = groups.tile_expert[tile];
+    row0 = groups.tile_row[tile];
+    rows = min(BM, groups.expert_offsets[e + 1] - row0);  // sorted rows of this tile, 1..BM
+    n0 = (b / max_tiles) * COLUMNS;
+    inter = w.inter;
+    b_base = GATED ? w.gate_up + static_cast<int64_t>(e) * 2 * inter * hidden : w.down + static_cast<int64_t>(e) * hidden * inter;
+  }
+  const int n_total = GATED ? inter : hidden, k_total = GATED ? hidden : inter;
+  if (n0 >= n_total) return;
+  // The activations: rows gathered by token (gate/up: routed rows are pairs), or the tile's rows in order.
+  const bf16* const a_in = is_dense && !GATED ? dense.a.hi : a_src;
+
+  // Copies: thread tid moves chunk tid % 8 of rows tid / 8 + COPY_ROWS * i; every such row has the same
+  // row % 8, so the chunk's swizzled place in its row is the thread's own.
+  const int tid = threadIdx.x, chunk = tid & 7, copy_row = tid >> 3;
+  const int swizzled = ((chunk ^ (copy_row & 7)) << 4) + copy_row * Cfg::ROW_BYTES;
+  const bf16* a_ptr[A_ITERS];
+  bool a_copy[A_ITERS];
+#pragma unroll
+  for (int i = 0; i < A_ITERS; ++i) {
+    const int r = copy_row + i * COPY_ROWS;
+    a_copy[i] = r < rows;  // rows past the tile's are left as they are: only their own outputs see them
+    const int64_t a_row = !a_copy[i] ? 0 : GATED && !is_dense ? groups.sorted_pairs[row0 + r] / top_k : row0 + r;
+    a_ptr[i] = a_in + a_row * k_total + chunk * 8;
+  }
+  const bf16* b_ptr[B_ITERS];
+  bool b_ok[B_ITERS];
+#pragma unroll
+  for (int i = 0; i < B_ITERS; ++i) {
+    const int r = copy_row + i * COPY_ROWS;  // weight row of the stage: gate (r < HALF) or up, or column n0 + r
+    const int n = GATED ? n0 + r % HALF : n0 + r;
+    b_ok[i] = n < n_total;
+    b_ptr[i] = b_base + static_cast<int64_t>(b_ok[i] ? (GATED ? (r / HALF) * inter + n : n) : 0) * k_total + chunk * 8;
+  }
+  auto load_stage = [&](int stage, int k0) {
+    const uint32_t st = smem + stage * Cfg::STAGE_BYTES + swizzled;
+    const bool k_ok = k0 + chunk * 8 < k_total;  // k_total % 8 == 0: a chunk is all in or all out
+    const int kc = k_ok ? k0 : 0;
+#pragma unroll
+    for (int i = 0; i < A_ITERS; ++i)
+      if (a_copy[i]) cp_async16_shared(st + i * COPY_ROWS * Cfg::ROW_BYTES, a_ptr[i] + kc, k_ok);
+#pragma unroll
+    for (int i = 0; i < B_ITERS; ++i)
+      cp_async16_shared(st + Cfg::A_BYTES + i * COPY_ROWS * Cfg::ROW_BYTES, b_ptr[i] + kc, b_ok[i] && k_ok);
+  };
+
+  float acc[2][64];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[h][i] = 0.0f;
+  const int wg = tid >> 7;
+  const bool wg_rows = rows > wg * 64;  // warpgroup-uniform
+
+  // Pipeline: group i copies k tile i, STAGES - 2 tiles ahead of the products, which run one batch behind
+  // the issue: at iteration kt, tile kt's copies are waited for and published by the barrier, tile
+  // kt + STAGES - 2 is copied into the stage of tile kt - 2 (every warpgroup finished those products before
+  // the barrier: it waited for all but its last batch), and tile kt's products are issued while kt - 1's
+  // may still run. Empty groups past the end keep the count uniform.
+  static_assert(STAGES >= 3, "a stage being filled, one being multiplied, one whose products may still run");
+  const int num_k = (k_total + BK - 1) / BK;
+#pragma unroll
+  for (int s = 0; s < STAGES - 2; ++s) {
+    if (s < num_k) load_stage(s, s * BK);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < num_k; ++kt) {
+    cp_async_wait<STAGES - 3>();
+    fence_proxy_async();  // this thread's copies of tile kt, visible to the tensor cores
+    __syncthreads();
+    {
+      const int next = kt + STAGES - 2;
+      if (next < num_k) load_stage(next % STAGES, next * BK);
+      cp_async_commit();
+    }
+    if (!wg_rows) continue;
+    const uint32_t a = smem + (kt % STAGES) * Cfg::STAGE_BYTES + wg * 64 * Cfg::ROW_BYTES;
+    const uint32_t b = smem + (kt % STAGES) * Cfg::STAGE_BYTES + Cfg::A_BYTES;
+    wgmma_fence();
+    wgmma_fence_operands(acc[0]);
+    wgmma_fence_operands(acc[1]);
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      const uint64_t a_desc = wgmma_desc(a + kk * 32);
+      wgmma_m64n128k16(acc[0], a_desc, wgmma_desc(b + kk * 32));
+      wgmma_m64n128k16(acc[1], a_desc, wgmma_desc(b + HALF * Cfg::ROW_BYTES + kk * 32));
+    }
+    wgmma_commit();
+    wgmma_wait<1>();
+    wgmma_fence_operands(acc[0]);
+    wgmma_fence_operands(acc[1]);
+  }
+  wgmma_wait<0>();
+  wgmma_fence_operands(acc[0]);
+  wgmma_fence_operands(acc[1]);
+  cp_async_wait<0>();  // only empty groups remain; nothing in flight at exit
+  if (!wg_rows) return;
+
+  // Epilogue. acc[h][4i + c]: row 64 wg + 16 (warp % 4) + g + 8 (c / 2), column 8i + 2tq + c % 2 of half h.
+  const int lane = tid & 31, g = lane >> 2, tq = lane & 3, warp_row = wg * 64 + ((tid >> 5) & 3) * 16 + g;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = warp_row + 8 * half;
+    if (r >= rows) continue;
+    const int s = row0 + r;
+    if constexpr (GATED) {
+      bf16* const out = (is_dense ? dense.hb.hi : hb) + static_cast<int64_t>(s) * inter;
+#pragma unroll
+      for (int i = 0; i < 16; ++i)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int n = n0 + 8 * i + 2 * tq + c;
+          if (n < inter) out[n] = float_to_bf16(silu(acc[0][4 * i + 2 * half + c]) * acc[1][4 * i + 2 * half + c]);
+        }
+    } else {
+      const int pair = is_dense ? 0 : groups.sorted_pairs[s];
+      const int t = is_dense ? s : pair / top_k, j = is_dense ? num_slots - 1 : pair % top_k;
+      const float weight = is_dense ? 1.0f : topk_weights[pair];
+      float* const out = ffn_out + (static_cast<int64_t>(t) * num_slots + j) * hidden;
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int i = 0; i < 16; ++i)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int n = n0 + h * HALF + 8 * i + 2 * tq + c;
+            if (n < hidden) out[n] = weight * acc[h][4 * i + 2 * half + c];  // 1 * x is x exactly
+          }
+    }
+  }
+#else
+  (void)hb, (void)ffn_out, (void)num_slots, (void)a_src, (void)topk_weights, (void)w, (void)groups, (void)hidden,
+      (void)top_k, (void)dense, (void)max_tiles;
+#endif
+}
+
+template <bool GATED, class Cfg>
+void launch_grouped_gemm_wgmma(int max_tiles, cudaStream_t stream, bf16* hb, float* ffn_out, int num_slots,
+                               const bf16* a_src, const float* topk_weights, const ExpertWeights& w,
+                               const ExpertGroups& groups, int hidden, int top_k, DenseTiles dense) {
+  CUDA_CHECK(cudaFuncSetAttribute(grouped_gemm_wgmma_kernel<GATED, Cfg>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(Cfg::SMEM_BYTES)));
+  constexpr int columns = Cfg::columns(GATED);
+  dense.blocks = dense.tokens > 0 ? ceil_div(dense.tokens, Cfg::BM) * ceil_div(GATED ? w.dense_inter : hidden, columns) : 0;
+  const int64_t blocks = dense.blocks + static_cast<int64_t>(max_tiles) * ceil_div(GATED ? w.inter : hidden, columns);
+  if (blocks == 0) return;
+  launch_kernel(grouped_gemm_wgmma_kernel<GATED, Cfg>, static_cast<unsigned>(blocks), Cfg::THREADS, Cfg::SMEM_BYTES,
+                stream, hb, ffn_out, num_slots, a_src, topk_weights, w, groups, hidden, top_k, dense, max_tiles);
+  CUDA_CHECK_LAUNCH();
+}
+
+__global__ void wgmma_probe_kernel(int* out) { *out = MOESCOPE_WGMMA; }
+
 // Launches one configuration, its dynamic shared memory limit raised first (as the attention kernels do:
 // per launch, so that it holds on whichever device is current).
 template <bool GATED, bool SPLIT, class Cfg>
@@ -415,6 +637,15 @@ void dispatch_grouped_gemm(int num_pairs, int num_experts, cudaStream_t stream, 
                            const ExpertGroups& groups, int hidden, int top_k, const DenseTiles& dense) {
   const int tile_rows = expert_tile_rows(num_pairs, num_experts);
   const int max_tiles = max_expert_tiles(num_pairs, num_experts, tile_rows);
+  if constexpr (!SPLIT) {
+    if (wgmma_allowed() && wgmma_available()) {
+      if (tile_rows == WgmmaPrefill::BM)
+        return launch_grouped_gemm_wgmma<GATED, WgmmaPrefill>(max_tiles, stream, hb.hi, ffn_out, num_slots, a_src.hi,
+                                                              topk_weights, w, groups, hidden, top_k, dense);
+      return launch_grouped_gemm_wgmma<GATED, WgmmaDecode>(max_tiles, stream, hb.hi, ffn_out, num_slots, a_src.hi,
+                                                           topk_weights, w, groups, hidden, top_k, dense);
+    }
+  }
   if (tile_rows == PrefillGemm<GATED, SPLIT>::BM)
     launch_grouped_gemm<GATED, SPLIT, PrefillGemm<GATED, SPLIT>>(max_tiles, stream, hb, ffn_out, num_slots, a_src,
                                                                  topk_weights, w, groups, hidden, top_k, dense);
@@ -425,8 +656,29 @@ void dispatch_grouped_gemm(int num_pairs, int num_experts, cudaStream_t stream, 
 
 static_assert(DecodeGemm<true, false>::BM == k_expert_tile_rows, "the decode tiles are align_by_expert's small tiles");
 static_assert(PrefillGemm<true, false>::BM == k_expert_tile_rows_large, "the prefill tiles are its large ones");
+static_assert(WgmmaDecode::BM == k_expert_tile_rows && WgmmaPrefill::BM == k_expert_tile_rows_large,
+              "the wgmma configurations' tiles are align_by_expert's");
 
 }  // namespace
+
+bool wgmma_available() {
+  static std::array<std::atomic<int>, 64> known{};  // per device: 0 not probed, 1 no, 2 yes
+  int device = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  if (device < 0 || device >= static_cast<int>(known.size())) return false;
+  if (const int k = known[static_cast<size_t>(device)].load(); k != 0) return k == 2;
+  int major = 0;
+  CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  int has = 0;
+  if (major == 9) {  // the sm_90a code runs on compute capability 9.0 only
+    DeviceBuffer<int> flag(1);
+    wgmma_probe_kernel<<<1, 1>>>(flag.data());
+    CUDA_CHECK_LAUNCH();
+    CUDA_CHECK(cudaMemcpy(&has, flag.data(), sizeof has, cudaMemcpyDeviceToHost));
+  }
+  known[static_cast<size_t>(device)].store(has != 0 ? 2 : 1);
+  return has != 0;
+}
 
 void experts_gate_up_small(float* h, int ld_h, const float* x, const ExpertWeights& w, const ExpertGroups& groups,
                            int num_tokens, int hidden, int num_experts, int top_k, cudaStream_t stream) {

@@ -79,32 +79,48 @@ __device__ void route_token(float* probs, int32_t* chosen_ids, float* chosen_wei
   __syncwarp();
 }
 
-// One block per token (1024 threads for a few tokens: its warps should be many). Dynamic shared memory:
-// logits, then probabilities, [num_experts + 1]. topk_ids, topk_weights: [T, top_k]; shared_gate: [T] or
-// null; x: [T, hidden]; w: [E (+1), hidden].
-__global__ void __launch_bounds__(1024)
+// Blocks of 8 warps over TT tokens each. A warp dots R router rows at a time with every token of the
+// block (warp_dot_rows: each row read once for the TT tokens, each token's vector once for the R rows; the
+// sum for one (token, row) runs in the same order whatever TT and R, so the logits do not depend on them),
+// then warp t routes the block's token t. More tokens a block cut the router's reads of its weights (a
+// block per token read them T times from L2: 2 GB a layer at 8192 tokens); fewer keep enough blocks for
+// decode batches. Dynamic shared memory: [TT][num_experts + 1] logits. topk_ids, topk_weights: [T, top_k];
+// shared_gate: [T] or null; x: [T, hidden]; w: [E (+1), hidden].
+constexpr int k_router_warps = 8, k_router_rows = 4;
+template <int TT>
+__global__ void __launch_bounds__(k_router_warps * 32)
     router_topk_kernel(int32_t* topk_ids, float* topk_weights, float* shared_gate, const float* x, const bf16* w,
-                       int hidden, int num_experts, int top_k, bool norm_topk_prob, ExpertCounts counts) {
+                       int num_tokens, int hidden, int num_experts, int top_k, bool norm_topk_prob, ExpertCounts counts) {
+  static_assert(TT <= k_router_warps, "warp t routes token t");
   extern __shared__ float probs[];
-  __shared__ int32_t chosen_ids[k_max_top_k];
-  __shared__ float chosen_weights[k_max_top_k];
+  __shared__ int32_t chosen_ids[TT][k_max_top_k];
+  __shared__ float chosen_weights[TT][k_max_top_k];
   wait_for_previous_kernel();
-  const int t = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int num_warps = blockDim.x / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int t0 = blockIdx.x * TT, n = min(TT, num_tokens - t0), stride = num_experts + 1;
 
   // Logits in f32 (the gate row of the shared expert, when there is one, comes after the experts).
   const int rows = num_experts + (shared_gate != nullptr ? 1 : 0);
-  const float* const xs[1] = {x + static_cast<int64_t>(t) * hidden};
-  for (int e = warp; e < rows; e += num_warps) {
-    const bf16* const wr[1] = {w + static_cast<int64_t>(e) * hidden};
-    float acc[1][1];
-    warp_dot_rows<1, 1>(acc, wr, xs, 1, hidden);
-    if (lane == 0) probs[e] = acc[0][0];
+  const float* xs[TT];
+#pragma unroll
+  for (int t = 0; t < TT; ++t) xs[t] = x + static_cast<int64_t>(t0 + min(t, n - 1)) * hidden;
+  for (int r0 = warp * k_router_rows; r0 < rows; r0 += k_router_warps * k_router_rows) {
+    const bf16* wr[k_router_rows];
+#pragma unroll
+    for (int r = 0; r < k_router_rows; ++r) wr[r] = w + static_cast<int64_t>(min(r0 + r, rows - 1)) * hidden;
+    float acc[TT][k_router_rows];
+    warp_dot_rows<k_router_rows, TT>(acc, wr, xs, n, hidden);
+    if (lane == 0)
+#pragma unroll
+      for (int t = 0; t < TT; ++t)
+#pragma unroll
+        for (int r = 0; r < k_router_rows; ++r)
+          if (t < n && r0 + r < rows) probs[t * stride + r0 + r] = acc[t][r];
   }
   __syncthreads();
-  if (warp == 0)
-    route_token(probs, chosen_ids, chosen_weights, t, num_experts, top_k, norm_topk_prob, topk_ids, topk_weights,
-                shared_gate, counts);
+  if (warp < n)
+    route_token(probs + warp * stride, chosen_ids[warp], chosen_weights[warp], t0 + warp, num_experts, top_k,
+                norm_topk_prob, topk_ids, topk_weights, shared_gate, counts);
 }
 
 // ---- small passes: RMSNorm, router and grouping in one launch ----------------------------------------
@@ -325,10 +341,19 @@ void router_topk(int32_t* topk_ids, float* topk_weights, float* shared_gate, con
   if (num_tokens == 0) return;
   if (top_k < 1 || top_k > k_max_top_k || top_k > num_experts) argument_error("router_topk", "top_k must be in [1, min(32, num_experts)]");
   if (hidden % 8 != 0) argument_error("router_topk", "hidden must be a multiple of 8");
-  const size_t smem = (static_cast<size_t>(num_experts) + 1) * sizeof(float);
-  const int threads = num_tokens <= 64 ? 1024 : 256;
-  launch_kernel(router_topk_kernel, num_tokens, threads, smem, stream, topk_ids, topk_weights, shared_gate, x, w, hidden,
-                num_experts, top_k, norm_topk_prob, counts);
+  // Tokens a block: as many as keep about a block per SM or more (132 on the H100): 1 up to 263 tokens, 8
+  // from 1056.
+  auto run = [&]<int TT>() {
+    const size_t smem = static_cast<size_t>(TT) * (num_experts + 1) * sizeof(float);
+    if (smem > 48 * 1024)
+      CUDA_CHECK(cudaFuncSetAttribute(router_topk_kernel<TT>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    launch_kernel(router_topk_kernel<TT>, ceil_div(num_tokens, TT), k_router_warps * 32, smem, stream, topk_ids,
+                  topk_weights, shared_gate, x, w, num_tokens, hidden, num_experts, top_k, norm_topk_prob, counts);
+  };
+  if (num_tokens >= 8 * 132) run.template operator()<8>();
+  else if (num_tokens >= 4 * 132) run.template operator()<4>();
+  else if (num_tokens >= 2 * 132) run.template operator()<2>();
+  else run.template operator()<1>();
   CUDA_CHECK_LAUNCH();
 }
 
