@@ -420,14 +420,11 @@ struct WgmmaGemm {
   static constexpr size_t SMEM_BYTES = static_cast<size_t>(STAGES) * STAGE_BYTES + 1024;  // + base alignment
   __host__ __device__ static constexpr int columns(bool gated) { return gated ? HALF : 2 * HALF; }
   static_assert(STAGE_BYTES % 1024 == 0, "every stage's operands start 1024-aligned");
+  static_assert(A_ITERS * COPY_ROWS == BM && B_ITERS * COPY_ROWS == B_ROWS, "whole rows per copy pass");
   static_assert(SMEM_BYTES <= 227 * 1024, "fits sm_90's shared memory per block");
 };
 using WgmmaDecode = WgmmaGemm<1, 5>;
 using WgmmaPrefill = WgmmaGemm<2, 4>;
-
-__device__ __forceinline__ void cp_async16_shared(uint32_t smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0));
-}
 
 // As grouped_gemm_kernel (GATED: hb[s, n] = silu(a[s] . gate[n]) * (a[s] . up[n]); else ffn_out[t, j, n] =
 // topk_weights[pair] * (hb[s] . down[n]); the dense group as there). 1-D grid: dense.blocks dense tiles
