@@ -586,11 +586,12 @@ TEST_F(CudaKernels, MoeBlockSmallPathMatchesCpuMoe) {
 // fewer than 48 per expert (decode batches), of 128 from there (prefill). Each list covers both, with
 // experts whose rows are no multiple of 16 (and, with 128-row tiles, experts of two tiles), inter and hidden
 // below or between multiples of the tile's columns (inter 32, 48, 96: 64 gate/up columns per tile; hidden 64,
-// 192: 128 down columns) and the k tiles (inter 48 against 64, 96 against 32), and the real shapes of
-// Qwen1.5-MoE-A2.7B (hidden 2048, 60 experts, inter 1408, top-4) at 64 and 512 tokens (64-row tiles) and
-// 2048 x 8 experts top-2 at 600 tokens (150 pairs per expert: 128-row tiles, two per expert). A shared
-// expert goes into the grouped launches with 64-row tiles (cuda::grouped_takes_dense: 37, 130, 64 and 512
-// tokens, the last 2 of 130 in a tile of their own) and through cuBLAS with 128-row tiles (500 tokens).
+// 192: 128 down columns; on wgmma 128 gate/up and 256 down columns) and the k tiles (inter 48 against 64,
+// 96 against 32), and the real shapes of Qwen1.5-MoE-A2.7B (hidden 2048, 60 experts, inter 1408, top-4,
+// shared 5632) at 64 and 512 tokens (64-row tiles) and 2048 x 8 experts top-2 at 600 tokens (150 pairs
+// per expert: 128-row tiles, two per expert). A shared expert goes into the grouped launches with 64-row
+// tiles (cuda::grouped_takes_dense: 37, 130, 64 and 512 tokens, the last 2 of 130 in a tile of their own)
+// and through cuBLAS with 128-row tiles (500, 600 and 1000 tokens).
 const std::vector<MoeCase>& large_path_cases() {
   static const std::vector<MoeCase> cases = {
       // 64-row tiles: 9, 50 pairs per expert on average
@@ -600,10 +601,11 @@ const std::vector<MoeCase>& large_path_cases() {
       MoeCase{100, 192, 6, 2, 48, 0, true},  // 33 pairs per expert
       MoeCase{64, 2048, 60, 4, 1408, 5632, true},
       MoeCase{512, 2048, 60, 4, 1408, 5632, true},
-      // 128-row tiles: 50, 150, 167 pairs per expert on average
+      // 128-row tiles: 50, 150, 167, 250 pairs per expert on average
       MoeCase{200, 256, 16, 4, 48, 0, true},
-      MoeCase{600, 2048, 8, 2, 1408, 0, true},
+      MoeCase{600, 2048, 8, 2, 1408, 5632, true},
       MoeCase{500, 192, 6, 2, 96, 64, false},
+      MoeCase{1000, 256, 8, 2, 48, 64, true},
   };
   return cases;
 }

@@ -271,7 +271,7 @@ static_assert(k_mma_threads / 32 * k_mma_warp_rows == k_prefill_tile_rows, "4 wa
 // phase fall in eight different bank groups.
 size_t mma_smem_bytes(int hd) { return size_t{2} * 2 * k_mma_keys * (hd + 8) * sizeof(bf16); }
 
-// grid (num_prefill_tiles, num_heads). Warp w owns the tile's rows 16 w .. 16 w + 15: their q as A
+// grid (num_heads, num_prefill_tiles). Warp w owns the tile's rows 16 w .. 16 w + 15: their q as A
 // fragments (bf16) and their output as C fragments (f32). Lane (g, tq) holds rows 16 w + g and
 // 16 w + g + 8. HDMAX: head_dim rounded up to 32, 64 or 128, the size of the register arrays (16-dim
 // steps past hd are skipped).
@@ -289,10 +289,11 @@ __global__ void __launch_bounds__(k_mma_threads)
   bf16* const vs = ks + 2 * stage_elems;              // [2][64][pitch]
   wait_for_previous_kernel();
 
-  // A prompt's tiles come in position order and its last tiles see the most keys: starting those first
-  // shortens the grid's tail.
-  const PrefillTile tile = b.prefill_tiles[gridDim.x - 1 - blockIdx.x];
-  const int h = blockIdx.y, kvh = h / (num_heads / num_kv_heads);
+  // A prompt's tiles come in position order and its last tiles see the most keys: the grid starts those
+  // first, every head of a tile before the next tile, which shortens the grid's tail (the blocks start in
+  // x-fastest order).
+  const PrefillTile tile = b.prefill_tiles[gridDim.y - 1 - blockIdx.y];
+  const int h = blockIdx.x, kvh = h / (num_heads / num_kv_heads);
   const int q_size = num_heads * hd, kv_size = num_kv_heads * hd;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tq = lane & 3;
   const int32_t* block_table = b.block_tables + static_cast<int64_t>(tile.seq) * b.max_blocks;
@@ -510,7 +511,7 @@ void launch_prefill_mma(float* out, Bf16Pair out_bf16, const float* q, const bf1
   auto run = [&](auto kernel) {
     if (smem > 48 * 1024)
       CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    launch_kernel(kernel, dim3(b.num_prefill_tiles, num_heads), k_mma_threads, smem, stream, out, out_bf16, q, k_cache,
+    launch_kernel(kernel, dim3(num_heads, b.num_prefill_tiles), k_mma_threads, smem, stream, out, out_bf16, q, k_cache,
                   v_cache, b, num_heads, num_kv_heads, hd, scale_log2);
     CUDA_CHECK_LAUNCH();
   };
