@@ -524,6 +524,10 @@ TEST_F(CudaBackendTest, BadProgrammaticLaunchSwitchIsAClearError) {
   expect_environment_error("MOESCOPE_CUDA_PDL", "yes", "MOESCOPE_CUDA_PDL=yes: expected 0 or 1");
 }
 
+TEST_F(CudaBackendTest, BadWgmmaSwitchIsAClearError) {
+  expect_environment_error("MOESCOPE_CUDA_WGMMA", "off", "MOESCOPE_CUDA_WGMMA=off: expected 0 or 1");
+}
+
 
 TEST_F(CudaBackendTest, KvCacheFullIsAClearErrorAndFreedBlocksAreReused) {
   Json reference;
