@@ -207,6 +207,41 @@ struct DenseTiles {
   int blocks = 0;    // ceil(tokens / BM) x ceil(N / BN)
 };
 
+// A grouped-GEMM CTA's tile: sorted rows row0 .. row0 + rows - 1 (1..BM) against output columns n0 ..,
+// of the group whose weights are b (gate/up or down) with intermediate size inter. 1-D grid: dense.blocks
+// dense tiles first (row tile fastest), then max_tiles x ceil(N / BN) routed ones (tile fastest). False
+// when the block has no work: a routed tile past *num_tiles, or columns past the output's.
+struct GemmTile {
+  bool dense;
+  int row0, rows, n0, inter;
+  const bf16* b;
+};
+template <bool GATED>
+__device__ __forceinline__ bool find_gemm_tile(GemmTile& t, int block, int bm, int bn, const ExpertWeights& w,
+                                               const ExpertGroups& groups, const DenseTiles& dense, int hidden,
+                                               int max_tiles) {
+  t.dense = block < dense.blocks;
+  if (t.dense) {
+    const int row_tiles = (dense.tokens + bm - 1) / bm;
+    t.row0 = (block % row_tiles) * bm;
+    t.rows = min(bm, dense.tokens - t.row0);
+    t.n0 = (block / row_tiles) * bn;
+    t.inter = w.dense_inter;
+    t.b = GATED ? w.dense_gate_up : w.dense_down;
+  } else {
+    const int b = block - dense.blocks, tile = b % max_tiles;
+    if (tile >= *groups.num_tiles) return false;
+    const int e = groups.tile_expert[tile];
+    t.row0 = groups.tile_row[tile];
+    t.rows = min(bm, groups.expert_offsets[e + 1] - t.row0);
+    t.n0 = (b / max_tiles) * bn;
+    t.inter = w.inter;
+    t.b = GATED ? w.gate_up + static_cast<int64_t>(e) * 2 * t.inter * hidden
+                : w.down + static_cast<int64_t>(e) * hidden * t.inter;
+  }
+  return t.n0 < (GATED ? t.inter : hidden);
+}
+
 // GATED: hb[s, n] = silu(a[s] . gate[n]) * (a[s] . up[n]), a = xb rows gathered by token, n < inter.
 // else:  ffn_out[t, j, n] = topk_weights[pair] * (hb[s] . down[n]), n < hidden, pair = sorted_pairs[s].
 // SPLIT: a is a_src.hi + a_src.lo, each term a product of its own into the same accumulators (and
@@ -224,28 +259,12 @@ __global__ void __launch_bounds__(Cfg::THREADS)
   bf16* const smem = reinterpret_cast<bf16*>(gemm_smem);
   wait_for_previous_kernel();
 
-  const bool is_dense = static_cast<int>(blockIdx.x) < dense.blocks;
-  int row0, rows, n0, inter;
-  const bf16* b_base;
-  if (is_dense) {
-    const int row_tiles = (dense.tokens + BM - 1) / BM;
-    row0 = (blockIdx.x % row_tiles) * BM;
-    rows = min(BM, dense.tokens - row0);
-    n0 = (blockIdx.x / row_tiles) * BN;
-    inter = w.dense_inter;
-    b_base = GATED ? w.dense_gate_up : w.dense_down;
-  } else {
-    const int b = blockIdx.x - dense.blocks, tile = b % max_tiles;
-    if (tile >= *groups.num_tiles) return;
-    const int e = groups.tile_expert[tile];
-    row0 = groups.tile_row[tile];
-    rows = min(BM, groups.expert_offsets[e + 1] - row0);  // sorted rows of this tile, 1..BM
-    n0 = (b / max_tiles) * BN;
-    inter = w.inter;
-    b_base = GATED ? w.gate_up + static_cast<int64_t>(e) * 2 * inter * hidden : w.down + static_cast<int64_t>(e) * hidden * inter;
-  }
+  GemmTile tile;
+  if (!find_gemm_tile<GATED>(tile, static_cast<int>(blockIdx.x), BM, BN, w, groups, dense, hidden, max_tiles)) return;
+  const bool is_dense = tile.dense;
+  const int row0 = tile.row0, rows = tile.rows, n0 = tile.n0, inter = tile.inter;
+  const bf16* const b_base = tile.b;
   const int n_total = GATED ? inter : hidden, k_total = GATED ? hidden : inter;
-  if (n0 >= n_total) return;
   // The activations: rows gathered by token (gate/up: routed rows are pairs), or the tile's rows in order.
   const ConstBf16Pair a_in = is_dense && !GATED ? dense.a : a_src;
 
@@ -443,29 +462,13 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
   const uint32_t smem = (static_cast<uint32_t>(__cvta_generic_to_shared(wgmma_smem)) + 1023) & ~1023u;
   wait_for_previous_kernel();
 
-  const int block = static_cast<int>(blockIdx.x);
-  const bool is_dense = block < dense.blocks;
-  int row0, rows, n0, inter;
-  const bf16* b_base;
-  if (is_dense) {
-    const int row_tiles = (dense.tokens + BM - 1) / BM;
-    row0 = (block % row_tiles) * BM;
-    rows = min(BM, dense.tokens - row0);
-    n0 = (block / row_tiles) * COLUMNS;
-    inter = w.dense_inter;
-    b_base = GATED ? w.dense_gate_up : w.dense_down;
-  } else {
-    const int b = block - dense.blocks, tile = b % max_tiles;
-    if (tile >= *groups.num_tiles) return;
-    const int e = groups.tile_expert[tile];
-    row0 = groups.tile_row[tile];
-    rows = min(BM, groups.expert_offsets[e + 1] - row0);  // sorted rows of this tile, 1..BM
-    n0 = (b / max_tiles) * COLUMNS;
-    inter = w.inter;
-    b_base = GATED ? w.gate_up + static_cast<int64_t>(e) * 2 * inter * hidden : w.down + static_cast<int64_t>(e) * hidden * inter;
-  }
+  GemmTile tile;
+  if (!find_gemm_tile<GATED>(tile, static_cast<int>(blockIdx.x), BM, COLUMNS, w, groups, dense, hidden, max_tiles))
+    return;
+  const bool is_dense = tile.dense;
+  const int row0 = tile.row0, rows = tile.rows, n0 = tile.n0, inter = tile.inter;
+  const bf16* const b_base = tile.b;
   const int n_total = GATED ? inter : hidden, k_total = GATED ? hidden : inter;
-  if (n0 >= n_total) return;
   // The activations: rows gathered by token (gate/up: routed rows are pairs), or the tile's rows in order.
   const bf16* const a_in = is_dense && !GATED ? dense.a.hi : a_src;
 
