@@ -10,6 +10,9 @@ bool device_available(std::string* why = nullptr);
 // "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs, 79.1 GiB)" for the current device.
 std::string device_description();
 
+// Streaming multiprocessors of the current device (asked once per device).
+int multiprocessors();
+
 // Programmatic dependent launch (sm_90 and later): each kernel of a pass is launched so that it may start
 // while the kernel before it on the stream finishes. Its threads first do what needs nothing from that
 // kernel (addresses, weight loads), then wait for it to complete (griddepcontrol.wait) before they read or

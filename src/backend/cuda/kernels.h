@@ -229,7 +229,7 @@ void experts_down_grouped(float* ffn_out, int num_slots, ConstBf16Pair hb, const
                           int num_experts, int top_k, cudaStream_t stream, ConstBf16Pair dense_hb = {});
 // Whether the current device runs this build's sm_90a code, with Hopper's warpgroup MMA: a probe kernel
 // says so, once per device (call it before capturing a graph: the backend does at start). The grouped
-// GEMMs of 128-row tiles (one activation term, no dense group) then use wgmma when wgmma_allowed().
+// GEMMs of one activation term then run on wgmma when wgmma_allowed() (device.h), else on mma.sync.
 bool wgmma_available();
 // Whether a large pass takes its dense group (the shared expert) into the grouped GEMMs: passes of the
 // small tiles (decode batches), where cuBLAS on 9..~700 rows runs few CTAs well below the bandwidth;

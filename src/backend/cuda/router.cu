@@ -341,8 +341,8 @@ void router_topk(int32_t* topk_ids, float* topk_weights, float* shared_gate, con
   if (num_tokens == 0) return;
   if (top_k < 1 || top_k > k_max_top_k || top_k > num_experts) argument_error("router_topk", "top_k must be in [1, min(32, num_experts)]");
   if (hidden % 8 != 0) argument_error("router_topk", "hidden must be a multiple of 8");
-  // Tokens a block: as many as keep about a block per SM or more (132 on the H100): 1 up to 263 tokens, 8
-  // from 1056.
+  // Tokens a block: as many as keep a block per SM or more (on the H100's 132: 1 up to 263 tokens, 8 from
+  // 1056). The routes do not depend on it.
   auto run = [&]<int TT>() {
     const size_t smem = static_cast<size_t>(TT) * (num_experts + 1) * sizeof(float);
     if (smem > 48 * 1024)
@@ -350,9 +350,10 @@ void router_topk(int32_t* topk_ids, float* topk_weights, float* shared_gate, con
     launch_kernel(router_topk_kernel<TT>, ceil_div(num_tokens, TT), k_router_warps * 32, smem, stream, topk_ids,
                   topk_weights, shared_gate, x, w, num_tokens, hidden, num_experts, top_k, norm_topk_prob, counts);
   };
-  if (num_tokens >= 8 * 132) run.template operator()<8>();
-  else if (num_tokens >= 4 * 132) run.template operator()<4>();
-  else if (num_tokens >= 2 * 132) run.template operator()<2>();
+  const int sms = multiprocessors();
+  if (num_tokens >= 8 * sms) run.template operator()<8>();
+  else if (num_tokens >= 4 * sms) run.template operator()<4>();
+  else if (num_tokens >= 2 * sms) run.template operator()<2>();
   else run.template operator()<1>();
   CUDA_CHECK_LAUNCH();
 }
