@@ -50,7 +50,8 @@ __device__ __forceinline__ int64_t cache_row(const int32_t* block_table, int blo
   return static_cast<int64_t>(block_table[pos / block_size]) * block_size + pos % block_size;
 }
 
-// grid (num_prefill_tiles, num_heads). NCH = ceil(head_dim / 32): dims lane + 32 c for c < NCH per lane.
+// grid (num_heads, num_prefill_tiles), as the tensor-core kernel's: every head of a tile before the next
+// tile, a prompt's last (longest) tiles first. NCH = ceil(head_dim / 32): dims lane + 32 c for c < NCH per lane.
 // Dynamic shared memory: q [64][hd], k [32][hd + 1] (padded: lanes read different rows), v [32][hd].
 template <int NCH, typename CacheT>
 __global__ void __launch_bounds__(k_threads)
@@ -61,8 +62,8 @@ __global__ void __launch_bounds__(k_threads)
   float* qs = smem;
   float* ks = qs + k_prefill_tile_rows * hd;
   float* vs = ks + k_key_block * (hd + 1);
-  const PrefillTile tile = b.prefill_tiles[blockIdx.x];
-  const int h = blockIdx.y, kvh = h / (num_heads / num_kv_heads);
+  const PrefillTile tile = b.prefill_tiles[gridDim.y - 1 - blockIdx.y];
+  const int h = blockIdx.x, kvh = h / (num_heads / num_kv_heads);
   const int q_size = num_heads * hd, kv_size = num_kv_heads * hd;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int32_t* block_table = b.block_tables + static_cast<int64_t>(tile.seq) * b.max_blocks;
@@ -663,7 +664,7 @@ void launch(float* out, Bf16Pair out_bf16, const float* q, const CacheT* k_cache
     if (smem > 48 * 1024)
       CUDA_CHECK(cudaFuncSetAttribute(attention_prefill_kernel<NCH, CacheT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem)));
-    launch_kernel(attention_prefill_kernel<NCH, CacheT>, dim3(b.num_prefill_tiles, num_heads), k_threads, smem, stream,
+    launch_kernel(attention_prefill_kernel<NCH, CacheT>, dim3(num_heads, b.num_prefill_tiles), k_threads, smem, stream,
                   out, out_bf16, q, k_cache, v_cache, b, num_heads, num_kv_heads, hd, scale);
     CUDA_CHECK_LAUNCH();
   }
