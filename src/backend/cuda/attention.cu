@@ -510,8 +510,7 @@ void launch_prefill_mma(float* out, Bf16Pair out_bf16, const float* q, const bf1
   const float scale_log2 = k_log2e / sqrtf(static_cast<float>(hd));
   const size_t smem = mma_smem_bytes(hd);
   auto run = [&](auto kernel) {
-    if (smem > 48 * 1024)
-      CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    allow_dynamic_smem(kernel, smem);
     launch_kernel(kernel, dim3(num_heads, b.num_prefill_tiles), k_mma_threads, smem, stream, out, out_bf16, q, k_cache,
                   v_cache, b, num_heads, num_kv_heads, hd, scale_log2);
     CUDA_CHECK_LAUNCH();
@@ -661,9 +660,7 @@ void launch(float* out, Bf16Pair out_bf16, const float* q, const CacheT* k_cache
   if (prefill && b.num_prefill_tiles > 0) {
     const size_t smem =
         (static_cast<size_t>(k_prefill_tile_rows) * hd + k_key_block * (hd + 1) + k_key_block * hd) * sizeof(float);
-    if (smem > 48 * 1024)
-      CUDA_CHECK(cudaFuncSetAttribute(attention_prefill_kernel<NCH, CacheT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)));
+    allow_dynamic_smem(attention_prefill_kernel<NCH, CacheT>, smem);
     launch_kernel(attention_prefill_kernel<NCH, CacheT>, dim3(num_heads, b.num_prefill_tiles), k_threads, smem, stream,
                   out, out_bf16, q, k_cache, v_cache, b, num_heads, num_kv_heads, hd, scale);
     CUDA_CHECK_LAUNCH();

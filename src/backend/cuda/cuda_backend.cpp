@@ -882,6 +882,16 @@ void CudaBackend::Impl::drop_graphs() {
   graphs.clear();
 }
 
+namespace {
+// A diagnostic switch of the environment, on unless set to 0; any other value than 0 or 1 is an error.
+bool switch_from_env(const char* name) {
+  const char* env = std::getenv(name);
+  const std::string value = env == nullptr ? "" : env;
+  if (!value.empty() && value != "0" && value != "1") fail("{}={}: expected 0 or 1", name, value);
+  return value != "0";
+}
+}  // namespace
+
 CudaBackend::CudaBackend(std::shared_ptr<const ModelWeights> weights, CudaBackendOptions options)
     : impl_(std::make_unique<Impl>(std::move(weights), options)) {
   Impl& m = *impl_;
@@ -891,19 +901,13 @@ CudaBackend::CudaBackend(std::shared_ptr<const ModelWeights> weights, CudaBacken
   m.description = cuda::device_description();
   // Programmatic dependent launch where the GPU has it (sm_90): each kernel of a pass starts while the one
   // before it finishes. MOESCOPE_CUDA_PDL=0 turns it off (a diagnostic: the same results, launched plainly).
-  const char* pdl_env = std::getenv("MOESCOPE_CUDA_PDL");
-  const std::string pdl = pdl_env == nullptr ? "" : pdl_env;
-  if (!pdl.empty() && pdl != "0" && pdl != "1") fail("MOESCOPE_CUDA_PDL={}: expected 0 or 1", pdl);
   int device = 0, major = 0;
   CUDA_CHECK(cudaGetDevice(&device));
   CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  set_programmatic_launch(major >= 9 && pdl != "0");
+  set_programmatic_launch(major >= 9 && switch_from_env("MOESCOPE_CUDA_PDL"));
   // The grouped GEMMs of large passes on wgmma where the GPU runs the sm_90a code; MOESCOPE_CUDA_WGMMA=0
   // keeps them on mma.sync (a diagnostic). Probed here, before any graph is captured.
-  const char* wgmma_env = std::getenv("MOESCOPE_CUDA_WGMMA");
-  const std::string wgmma = wgmma_env == nullptr ? "" : wgmma_env;
-  if (!wgmma.empty() && wgmma != "0" && wgmma != "1") fail("MOESCOPE_CUDA_WGMMA={}: expected 0 or 1", wgmma);
-  set_wgmma_allowed(wgmma != "0");
+  set_wgmma_allowed(switch_from_env("MOESCOPE_CUDA_WGMMA"));
   wgmma_available();
   CUDA_CHECK(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking));
   m.blas_handle = std::make_unique<Blas>();

@@ -2,9 +2,6 @@
 
 #include <fmt/format.h>
 
-#include <array>
-#include <atomic>
-
 #include "backend/cuda/cuda_check.h"
 
 namespace moescope::cuda {
@@ -35,16 +32,12 @@ bool device_available(std::string* why) {
 }
 
 int multiprocessors() {
-  static std::array<std::atomic<int>, 64> known{};  // per device; 0: not asked yet
-  int device = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
-  if (device < 0 || device >= static_cast<int>(known.size())) return 1;
-  int count = known[static_cast<size_t>(device)].load();
-  if (count == 0) {
+  static PerDeviceCache cache{};
+  return once_per_device(cache, [](int device) {
+    int count = 0;
     CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    known[static_cast<size_t>(device)].store(count);
-  }
-  return count;
+    return count;
+  });
 }
 
 std::string device_description() {

@@ -1,6 +1,10 @@
 #pragma once
 // Whether this process can use a CUDA GPU, and which.
+#include <array>
+#include <atomic>
 #include <string>
+
+#include "backend/cuda/cuda_check.h"
 
 namespace moescope::cuda {
 
@@ -10,7 +14,24 @@ bool device_available(std::string* why = nullptr);
 // "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs, 79.1 GiB)" for the current device.
 std::string device_description();
 
-// Streaming multiprocessors of the current device (asked once per device).
+// A value of the current device that does not change while the process runs, asked once per device:
+// cache[device] holds it (0: not asked yet), ask() gives it (never 0). Devices past the cache's size are
+// asked every time.
+using PerDeviceCache = std::array<std::atomic<int>, 64>;
+template <typename Ask>
+int once_per_device(PerDeviceCache& cache, Ask ask) {
+  int device = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  if (device < 0 || device >= static_cast<int>(cache.size())) return ask(device);
+  int value = cache[static_cast<size_t>(device)].load();
+  if (value == 0) {
+    value = ask(device);
+    cache[static_cast<size_t>(device)].store(value);
+  }
+  return value;
+}
+
+// Streaming multiprocessors of the current device.
 int multiprocessors();
 
 // Programmatic dependent launch (sm_90 and later): each kernel of a pass is launched so that it may start

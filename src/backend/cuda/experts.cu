@@ -4,9 +4,6 @@
 // the expert-sorted pairs, SwiGLU fused into gate/up, routing weight and un-permute into down.
 #include <type_traits>
 
-#include <array>
-#include <atomic>
-
 #include "backend/cuda/device_memory.h"
 #include "backend/cuda/gemv.cuh"
 #include "backend/cuda/mma.cuh"
@@ -596,15 +593,20 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
 #endif
 }
 
+// The 1-D grid of a grouped-GEMM launch (find_gemm_tile's order) for tiles of bm rows and bn columns:
+// sets dense.blocks and returns the grid's size.
+template <bool GATED>
+int64_t grouped_gemm_blocks(DenseTiles& dense, int bm, int bn, int max_tiles, const ExpertWeights& w, int hidden) {
+  dense.blocks = dense.tokens > 0 ? ceil_div(dense.tokens, bm) * ceil_div(GATED ? w.dense_inter : hidden, bn) : 0;
+  return dense.blocks + static_cast<int64_t>(max_tiles) * ceil_div(GATED ? w.inter : hidden, bn);
+}
+
 template <bool GATED, class Cfg>
 void launch_grouped_gemm_wgmma(int max_tiles, cudaStream_t stream, bf16* hb, float* ffn_out, int num_slots,
                                const bf16* a_src, const float* topk_weights, const ExpertWeights& w,
                                const ExpertGroups& groups, int hidden, int top_k, DenseTiles dense) {
-  CUDA_CHECK(cudaFuncSetAttribute(grouped_gemm_wgmma_kernel<GATED, Cfg>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(Cfg::SMEM_BYTES)));
-  constexpr int columns = Cfg::columns(GATED);
-  dense.blocks = dense.tokens > 0 ? ceil_div(dense.tokens, Cfg::BM) * ceil_div(GATED ? w.dense_inter : hidden, columns) : 0;
-  const int64_t blocks = dense.blocks + static_cast<int64_t>(max_tiles) * ceil_div(GATED ? w.inter : hidden, columns);
+  allow_dynamic_smem(grouped_gemm_wgmma_kernel<GATED, Cfg>, Cfg::SMEM_BYTES);
+  const int64_t blocks = grouped_gemm_blocks<GATED>(dense, Cfg::BM, Cfg::columns(GATED), max_tiles, w, hidden);
   if (blocks == 0) return;
   launch_kernel(grouped_gemm_wgmma_kernel<GATED, Cfg>, static_cast<unsigned>(blocks), Cfg::THREADS, Cfg::SMEM_BYTES,
                 stream, hb, ffn_out, num_slots, a_src, topk_weights, w, groups, hidden, top_k, dense, max_tiles);
@@ -613,17 +615,13 @@ void launch_grouped_gemm_wgmma(int max_tiles, cudaStream_t stream, bf16* hb, flo
 
 __global__ void wgmma_probe_kernel(int* out) { *out = MOESCOPE_WGMMA; }
 
-// Launches one configuration, its dynamic shared memory limit raised first (as the attention kernels do:
-// per launch, so that it holds on whichever device is current).
+// Launches one configuration of the mma.sync kernel.
 template <bool GATED, bool SPLIT, class Cfg>
 void launch_grouped_gemm(int max_tiles, cudaStream_t stream, Bf16Pair hb, float* ffn_out, int num_slots,
                          ConstBf16Pair a_src, const float* topk_weights, const ExpertWeights& w,
                          const ExpertGroups& groups, int hidden, int top_k, DenseTiles dense) {
-  CUDA_CHECK(cudaFuncSetAttribute(grouped_gemm_kernel<GATED, SPLIT, Cfg>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(Cfg::SMEM_BYTES)));
-  const int routed_n = GATED ? w.inter : hidden, dense_n = GATED ? w.dense_inter : hidden;
-  dense.blocks = dense.tokens > 0 ? ceil_div(dense.tokens, Cfg::BM) * ceil_div(dense_n, Cfg::BN) : 0;
-  const int64_t blocks = dense.blocks + static_cast<int64_t>(max_tiles) * ceil_div(routed_n, Cfg::BN);
+  allow_dynamic_smem(grouped_gemm_kernel<GATED, SPLIT, Cfg>, Cfg::SMEM_BYTES);
+  const int64_t blocks = grouped_gemm_blocks<GATED>(dense, Cfg::BM, Cfg::BN, max_tiles, w, hidden);
   if (blocks == 0) return;
   launch_kernel(grouped_gemm_kernel<GATED, SPLIT, Cfg>, static_cast<unsigned>(blocks), Cfg::THREADS, Cfg::SMEM_BYTES,
                 stream, hb, ffn_out, num_slots, a_src, topk_weights, w, groups, hidden, top_k, dense, max_tiles);
@@ -662,22 +660,18 @@ static_assert(WgmmaDecode::BM == k_expert_tile_rows && WgmmaPrefill::BM == k_exp
 }  // namespace
 
 bool wgmma_available() {
-  static std::array<std::atomic<int>, 64> known{};  // per device: 0 not probed, 1 no, 2 yes
-  int device = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
-  if (device < 0 || device >= static_cast<int>(known.size())) return false;
-  if (const int k = known[static_cast<size_t>(device)].load(); k != 0) return k == 2;
-  int major = 0;
-  CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  int has = 0;
-  if (major == 9) {  // the sm_90a code runs on compute capability 9.0 only
-    DeviceBuffer<int> flag(1);
-    wgmma_probe_kernel<<<1, 1>>>(flag.data());
-    CUDA_CHECK_LAUNCH();
-    CUDA_CHECK(cudaMemcpy(&has, flag.data(), sizeof has, cudaMemcpyDeviceToHost));
-  }
-  known[static_cast<size_t>(device)].store(has != 0 ? 2 : 1);
-  return has != 0;
+  static PerDeviceCache cache{};  // 1: no, 2: yes
+  return once_per_device(cache, [](int device) {
+    int major = 0, has = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    if (major == 9) {  // the sm_90a code runs on compute capability 9.0 only
+      DeviceBuffer<int> flag(1);
+      wgmma_probe_kernel<<<1, 1>>>(flag.data());
+      CUDA_CHECK_LAUNCH();
+      CUDA_CHECK(cudaMemcpy(&has, flag.data(), sizeof has, cudaMemcpyDeviceToHost));
+    }
+    return has != 0 ? 2 : 1;
+  }) == 2;
 }
 
 void experts_gate_up_small(float* h, int ld_h, const float* x, const ExpertWeights& w, const ExpertGroups& groups,

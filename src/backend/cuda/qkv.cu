@@ -150,9 +150,7 @@ void launch_qkv(float* q, CacheT* k_cache, CacheT* v_cache, const float* qkv, co
     return;
   }
   const size_t smem = static_cast<size_t>(p.num_heads + 2 * p.num_kv_heads) * p.head_dim * sizeof(float);
-  if (smem > 48 * 1024)
-    CUDA_CHECK(cudaFuncSetAttribute(qkv_rope_cache_kernel<CacheT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(smem)));
+  allow_dynamic_smem(qkv_rope_cache_kernel<CacheT>, smem);
   launch_kernel(qkv_rope_cache_kernel<CacheT>, num_tokens, k_threads, smem, stream, q, k_cache, v_cache, qkv, token_pos,
                 slots, p);
   CUDA_CHECK_LAUNCH();

@@ -335,18 +335,22 @@ ExpertGroups carve_expert_groups(int32_t* memory, int num_pairs, int num_experts
   return g;
 }
 
+// The shapes both router launches take.
+void check_router_shapes(const char* function, int hidden, int num_experts, int top_k) {
+  if (top_k < 1 || top_k > k_max_top_k || top_k > num_experts) argument_error(function, "top_k must be in [1, min(32, num_experts)]");
+  if (hidden % 8 != 0) argument_error(function, "hidden must be a multiple of 8");
+}
+
 void router_topk(int32_t* topk_ids, float* topk_weights, float* shared_gate, const float* x, const bf16* w,
                  int num_tokens, int hidden, int num_experts, int top_k, bool norm_topk_prob, cudaStream_t stream,
                  ExpertCounts counts) {
   if (num_tokens == 0) return;
-  if (top_k < 1 || top_k > k_max_top_k || top_k > num_experts) argument_error("router_topk", "top_k must be in [1, min(32, num_experts)]");
-  if (hidden % 8 != 0) argument_error("router_topk", "hidden must be a multiple of 8");
+  check_router_shapes("router_topk", hidden, num_experts, top_k);
   // Tokens a block: as many as keep a block per SM or more (on the H100's 132: 1 up to 263 tokens, 8 from
   // 1056). The routes do not depend on it.
   auto run = [&]<int TT>() {
     const size_t smem = static_cast<size_t>(TT) * (num_experts + 1) * sizeof(float);
-    if (smem > 48 * 1024)
-      CUDA_CHECK(cudaFuncSetAttribute(router_topk_kernel<TT>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    allow_dynamic_smem(router_topk_kernel<TT>, smem);
     launch_kernel(router_topk_kernel<TT>, ceil_div(num_tokens, TT), k_router_warps * 32, smem, stream, topk_ids,
                   topk_weights, shared_gate, x, w, num_tokens, hidden, num_experts, top_k, norm_topk_prob, counts);
   };
@@ -364,15 +368,13 @@ void router_small(int32_t* topk_ids, float* topk_weights, float* shared_gate, fl
                   unsigned* ticket, cudaStream_t stream) {
   if (num_tokens == 0) return;
   if (num_tokens > k_router_small_max_tokens) argument_error("router_small", "more tokens than the small path takes");
-  if (top_k < 1 || top_k > k_max_top_k || top_k > num_experts) argument_error("router_small", "top_k must be in [1, min(32, num_experts)]");
-  if (hidden % 8 != 0) argument_error("router_small", "hidden must be a multiple of 8");
+  check_router_shapes("router_small", hidden, num_experts, top_k);
   const int rows = num_experts + (shared_gate != nullptr ? 1 : 0);
   // One token a block for up to two tokens (a decode of one sequence keeps few blocks), two from three on:
   // more warps, each with less to read.
   const size_t smem = static_cast<size_t>(num_tokens) * rows * sizeof(float);
   auto run = [&](auto kernel, int tokens_per_block) {
-    if (smem > 48 * 1024)
-      CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    allow_dynamic_smem(kernel, smem);
     launch_kernel(kernel, dim3(ceil_div(rows, k_router_small_warps), ceil_div(num_tokens, tokens_per_block)),
                   k_router_small_warps * 32, smem, stream, topk_ids, topk_weights, shared_gate, h, x, norm_weight, eps, w,
                   num_tokens, hidden, num_experts, top_k, norm_topk_prob, groups, counts, logits, ticket);
@@ -388,8 +390,7 @@ void align_by_expert(const ExpertGroups& groups, const int32_t* topk_ids, int nu
   // 32 warps where their counts fit in 40 KB of shared memory (up to 312 experts), fewer beyond.
   const int warps = std::clamp((40 * 1024 / 4 - num_experts - 1) / std::max(num_experts, 1), 1, 32);
   const size_t smem = (static_cast<size_t>(warps) * num_experts + num_experts + 1) * sizeof(int32_t);
-  if (smem > 48 * 1024)
-    CUDA_CHECK(cudaFuncSetAttribute(align_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  allow_dynamic_smem(align_kernel, smem);
   launch_kernel(align_kernel, 1, warps * 32, smem, stream, groups, topk_ids, num_pairs, num_experts,
                 expert_tile_rows(num_pairs, num_experts));
   CUDA_CHECK_LAUNCH();
