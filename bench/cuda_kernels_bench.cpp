@@ -94,13 +94,15 @@ AttentionInputs random_attention_inputs(size_t q_elems, size_t cache_elems, int 
 
 // Prefill attention of one sequence of `tokens` tokens from position 0 (the whole prompt in one pass):
 // tiles of 64 rows, cache blocks of 16 in shuffled order. Args: tokens, heads, kv heads, head_dim, cache
-// element (0: bf16, the tensor-core kernel where head_dim allows; 1: f32, the CUDA-core kernel).
-// Reports TFLOP/s of the two products over the causal half (4 head_dim flops per query-key pair).
+// element (0: bf16, the tensor-core kernel where head_dim allows; 1: f32, the CUDA-core kernel), wgmma
+// (1: q . k on wgmma where the GPU has it; 0: all on mma.sync). Reports TFLOP/s of the two products over
+// the causal half (4 head_dim flops per query-key pair) and whether wgmma ran.
 void BM_AttentionPrefill(benchmark::State& state) {
   if (skip_without_gpu(state)) return;
   const int tokens = static_cast<int>(state.range(0)), heads = static_cast<int>(state.range(1));
   const int kv_heads = static_cast<int>(state.range(2)), hd = static_cast<int>(state.range(3));
   const bool f32_cache = state.range(4) != 0;
+  moescope::cuda::set_wgmma_allowed(state.range(5) != 0);
   const int block_size = 16, num_blocks = (tokens + block_size - 1) / block_size;
   const size_t q_elems = static_cast<size_t>(tokens) * heads * hd;
   const size_t cache_elems = static_cast<size_t>(num_blocks) * block_size * kv_heads * hd;
@@ -151,14 +153,20 @@ void BM_AttentionPrefill(benchmark::State& state) {
   const double pairs = 0.5 * static_cast<double>(tokens) * (tokens + 1);
   state.counters["TFLOP/s"] = benchmark::Counter(4.0 * hd * heads * pairs * 1e-12 * static_cast<double>(state.iterations()),
                                                  benchmark::Counter::kIsRate);
+  state.counters["wgmma"] =
+      !f32_cache && moescope::cuda::wgmma_allowed() && moescope::cuda::wgmma_available() ? 1.0 : 0.0;
+  moescope::cuda::set_wgmma_allowed(true);
   state.SetLabel(moescope::cuda::device_description() + ", sum |out| " + std::to_string(checksum));
 }
 // Qwen1.5-MoE-A2.7B (16 heads, 16 kv heads, head_dim 128) at 2048 tokens, both caches; a GQA shape
 // (Qwen3-30B-A3B: 32 heads, 4 kv heads) at 4096.
 BENCHMARK(BM_AttentionPrefill)
-    ->Args({2048, 16, 16, 128, 0})
-    ->Args({2048, 16, 16, 128, 1})
-    ->Args({4096, 32, 4, 128, 0})
+    ->ArgNames({"tokens", "heads", "kv_heads", "head_dim", "f32_cache", "wgmma"})
+    ->Args({2048, 16, 16, 128, 0, 1})
+    ->Args({2048, 16, 16, 128, 0, 0})
+    ->Args({2048, 16, 16, 128, 1, 0})
+    ->Args({4096, 32, 4, 128, 0, 1})
+    ->Args({4096, 32, 4, 128, 0, 0})
     ->UseManualTime()
     ->Unit(benchmark::kMicrosecond);
 

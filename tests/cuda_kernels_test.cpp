@@ -877,6 +877,21 @@ TEST_F(CudaKernels, AttentionMatchesCpuAttentionOverPagedCache) {
       expect_close(fmt::format("attention {} pass {} ({} prefill tiles, {} decode rows)", ac.name, pass + 1, tiles.size(),
                                decode_rows.size()),
                    got, ref, k_bf16_tol);
+      if (!tiles.empty() && cuda::wgmma_available()) {
+        // Prefill tiles took q . k on wgmma: the same batch with the mma.sync kernel, each against the CPU.
+        auto d_attn_sync = test::poisoned(static_cast<size_t>(T) * q_size);
+        cuda::set_wgmma_allowed(false);
+        cuda::attention(d_attn_sync.data(), nullptr, d_q.data(), k_cache.data(), v_cache.data(), ab, ac.heads,
+                        ac.kv_heads, ac.head_dim, nullptr);
+        cuda::set_wgmma_allowed(true);
+        const auto attn_sync = to_host(d_attn_sync, attn.size());
+        std::vector<float> got_sync(ref.size());
+        cpu::matmul(got_sync.data(), attn_sync.data(), T, w.o_proj);
+        expect_close(fmt::format("attention {} pass {}, mma.sync", ac.name, pass + 1), got_sync, ref, k_bf16_tol);
+        double most = 0.0;
+        for (size_t i = 0; i < attn.size(); ++i) most = std::max(most, static_cast<double>(std::fabs(attn[i] - attn_sync[i])));
+        std::printf("    wgmma against mma.sync: max |diff| %.3g\n", most);
+      }
       {
         DeviceBuffer<float> d_q32(static_cast<size_t>(T) * q_size);
         auto d_attn32 = test::poisoned(static_cast<size_t>(T) * q_size);

@@ -1,9 +1,11 @@
 // Causal GQA attention over the paged KV cache, with an online softmax in f32 (flash-style). Prefill
 // rows are computed in tiles of 64 consecutive tokens of one sequence. With the bf16 cache and head_dim a
 // multiple of 16 (at most 128) a tile runs on the tensor cores (flash-attention 2: mma.sync m16n8k16, bf16
-// in, f32 accumulate, key blocks of 64 positions double-buffered in shared memory with cp.async); there q
-// and the softmax weights P are rounded to bf16 for the two products (new roundings beside the cache's
-// own: a relative error of a few 2^-9), while the scores, the softmax and the output stay f32. Otherwise
+// in, f32 accumulate, key blocks of 64 positions double-buffered in shared memory with cp.async; on an
+// sm_90a GPU the tile's four warps take both products as one warpgroup on wgmma instead, q and P from the
+// registers, k and v read from shared memory by the tensor cores, which adds the same terms in the same
+// order); there q and the softmax weights P are rounded to bf16 for the two products (new roundings beside
+// the cache's own: a relative error of a few 2^-9), while the scores, the softmax and the output stay f32. Otherwise
 // (the f32 cache, the accuracy path, and other head sizes) a tile computes in f32 on the CUDA cores,
 // sharing each key block loaded into shared memory (16-byte loads). A decode row (a sequence with one new
 // token) has a block of its own whose eight warps split the positions, each loading its keys and values
@@ -11,6 +13,7 @@
 #include <type_traits>
 
 #include "backend/cuda/mma.cuh"
+#include "backend/cuda/wgmma.cuh"
 
 namespace moescope::cuda {
 namespace {
@@ -269,25 +272,42 @@ static_assert(k_mma_threads / 32 * k_mma_warp_rows == k_prefill_tile_rows, "4 wa
 
 // Dynamic shared memory of the kernel: k and v of two key blocks, [2][64][hd + 8] bf16 each. The 16-byte
 // pad makes the row pitch an odd number of 16-byte units (hd % 16 == 0), so the eight rows of an ldmatrix
-// phase fall in eight different bank groups.
-size_t mma_smem_bytes(int hd) { return size_t{2} * 2 * k_mma_keys * (hd + 8) * sizeof(bf16); }
+// phase fall in eight different bank groups. With WGMMA (q . k on Hopper's warpgroup MMA) k is kept as
+// wgmma reads it instead (wgmma.cuh): per stage, chunks of 64 dims, each [64 keys][128 bytes] swizzled,
+// 1024-aligned (1024 bytes more for the alignment); v as before after it.
+constexpr int k_key_chunk_bytes = k_mma_keys * 128;  // 64 dims of 64 keys
+__host__ __device__ constexpr int key_chunks(int hdmax) { return hdmax > 64 ? hdmax / 64 : 1; }
+size_t mma_smem_bytes(int hd, int hdmax, bool wgmma) {
+  const size_t v = size_t{2} * k_mma_keys * (hd + 8) * sizeof(bf16), k = size_t{2} * key_chunks(hdmax) * k_key_chunk_bytes;
+  if (!wgmma) return 2 * v;
+  return 1024 + k + (hdmax == 128 ? k : v);
+}
 
 // grid (num_heads, num_prefill_tiles). Warp w owns the tile's rows 16 w .. 16 w + 15: their q as A
 // fragments (bf16) and their output as C fragments (f32). Lane (g, tq) holds rows 16 w + g and
 // 16 w + g + 8. HDMAX: head_dim rounded up to 32, 64 or 128, the size of the register arrays (16-dim
-// steps past hd are skipped).
-template <int HDMAX>
-__global__ void __launch_bounds__(k_mma_threads)
+// steps past hd are skipped). WGMMA (sm_90a): the four warps, one warpgroup, take the scores q . k of a
+// key block with one wgmma.m64n64k16 per 16 dims (q from the registers, k from shared memory), whose
+// accumulators are laid out as the mma.sync ones; P . V stays on mma.sync.
+template <int HDMAX, bool WGMMA>
+__global__ void __launch_bounds__(k_mma_threads, 3)
     attention_prefill_mma_kernel(float* out, Bf16Pair out_bf16, const float* q, const bf16* k_cache,
                                  const bf16* v_cache, AttentionBatch b, int num_heads, int num_kv_heads, int hd,
                                  float scale_log2) {
   constexpr int KS = HDMAX / 16;      // 16-dim steps of q . k
   constexpr int ND = HDMAX / 8;       // 8-dim column tiles of the output
   constexpr int NK = k_mma_keys / 8;  // 8-key column tiles of the scores
+  constexpr int KCH = key_chunks(HDMAX), K_STAGE_BYTES = KCH * k_key_chunk_bytes;
+  constexpr bool WG_PV = WGMMA && HDMAX == 128;  // P . V on wgmma too (v laid out as k)
   extern __shared__ uint4 kv_smem[];  // uint4: 16-byte aligned for cp.async and ldmatrix
   const int pitch = hd + 8, stage_elems = k_mma_keys * pitch;
-  bf16* const ks = reinterpret_cast<bf16*>(kv_smem);  // [2][64][pitch]
-  bf16* const vs = ks + 2 * stage_elems;              // [2][64][pitch]
+  const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(kv_smem));
+  const uint32_t k_swizzled = (smem_base + 1023) & ~1023u;  // WGMMA: [2][KCH][64][128 bytes]
+  bf16* const ks = reinterpret_cast<bf16*>(kv_smem);        // else: [2][64][pitch]
+  bf16* const vs = WGMMA ? reinterpret_cast<bf16*>(reinterpret_cast<unsigned char*>(kv_smem) +
+                                                   (k_swizzled - smem_base) + 2 * K_STAGE_BYTES)
+                         : ks + 2 * stage_elems;  // [2][64][pitch]; WG_PV: as k, [2][KCH][64][128 bytes]
+  const uint32_t v_swizzled = k_swizzled + 2 * K_STAGE_BYTES;
   wait_for_previous_kernel();
 
   // A prompt's tiles come in position order and its last tiles see the most keys: the grid starts those
@@ -322,9 +342,18 @@ __global__ void __launch_bounds__(k_mma_threads)
       const int blk = bs_pow2 ? pos >> bs_shift : pos / bs;
       const int64_t cache_pos = valid ? static_cast<int64_t>(block_table[blk]) * bs + (pos - blk * bs) : 0;
       const int64_t at = valid ? cache_pos * kv_size + kvh * hd + piece : 0;
+      if constexpr (WGMMA)  // the pieces past hd too, as zeros: the products run over HDMAX dims
+        cp_async16_shared(k_swizzled + stage * K_STAGE_BYTES + (piece / 64) * k_key_chunk_bytes +
+                              swizzle128(j, (piece % 64) / 8),
+                          k_cache + (piece_in ? at : 0), valid && piece_in);
       if (piece_in) {
-        cp_async16(kd + j * pitch + piece, k_cache + at, valid);
-        cp_async16(vd + j * pitch + piece, v_cache + at, valid);
+        if constexpr (!WGMMA) cp_async16(kd + j * pitch + piece, k_cache + at, valid);
+        if constexpr (WG_PV)
+          cp_async16_shared(v_swizzled + stage * K_STAGE_BYTES + (piece / 64) * k_key_chunk_bytes +
+                                swizzle128(j, (piece % 64) / 8),
+                            v_cache + at, valid);
+        else
+          cp_async16(vd + j * pitch + piece, v_cache + at, valid);
       }
     }
   };
@@ -368,11 +397,9 @@ __global__ void __launch_bounds__(k_mma_threads)
   // o: C fragments of the output tiles (8 dims each); m: running max of the unscaled scores; l: this
   // lane's part of the running sum (its 16 of a row's 64 keys per block; the quad's parts are added at
   // the end). Row r0 takes c0, c1 and m0, l0; row r1 takes c2, c3 and m1, l1.
-  float o[ND][4];
+  float o[ND * 4];  // o[4 nd + c]: the C fragment of dims 8 nd .. 8 nd + 7 (WG_PV: the m64n128 accumulators)
 #pragma unroll
-  for (int nd = 0; nd < ND; ++nd)
-#pragma unroll
-    for (int c = 0; c < 4; ++c) o[nd][c] = 0.0f;
+  for (int i = 0; i < ND * 4; ++i) o[i] = 0.0f;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
 
   // Lane addresses for ldmatrix (lane 8 i + r gives row r of matrix i). k: matrices (keys +0, dims +0),
@@ -389,29 +416,56 @@ __global__ void __launch_bounds__(k_mma_threads)
     } else {
       cp_async_wait<0>();
     }
+    if constexpr (WGMMA) fence_proxy_async();  // this thread's copies of k, visible to the tensor cores
     __syncthreads();  // block kb is in shared memory
     const int k0 = kb * k_mma_keys;
-    // A block wholly above the diagonal of the warp's rows adds nothing (uniform over the warp). Every
-    // warp with rows takes block 0, where key 0 is visible to each row: the running max is finite from then on.
-    if (k0 <= warp_last_pos) {
-      const bf16* kt = ks + (kb & 1) * stage_elems;
-      const bf16* vt = vs + (kb & 1) * stage_elems;
-
-      // S = q k^T over the 64 keys: s[nt] holds keys k0 + 8 nt .. + 7.
-      float s[NK][4];
+    // S = q k^T over the 64 keys: s[nt] holds keys k0 + 8 nt .. + 7. WGMMA: for the whole warpgroup (every
+    // block of the loop reaches some row of the tile).
+    float s[NK][4];
+    if constexpr (WGMMA) {
+      // Every 16 dims up to HDMAX (k's dims past hd are zeros, as q's).
+      static_assert(NK * 4 == 32, "64 keys: the accumulators of m64n64");
+      float sw[32];
+#pragma unroll
+      for (int i = 0; i < 32; ++i) sw[i] = 0.0f;
+      const uint32_t kt = k_swizzled + (kb & 1) * K_STAGE_BYTES;
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk)
+        wgmma_m64n64k16_rs(sw, qf[kk], wgmma_desc(kt + (kk / 4) * k_key_chunk_bytes + (kk % 4) * 32));
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operands(sw);
+#pragma unroll
+      for (int nt = 0; nt < NK; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) s[nt][c] = sw[4 * nt + c];
+    } else {
 #pragma unroll
       for (int nt = 0; nt < NK; ++nt)
 #pragma unroll
         for (int c = 0; c < 4; ++c) s[nt][c] = 0.0f;
+    }
+    // A block wholly above the diagonal of the warp's rows adds nothing (uniform over the warp). Every
+    // warp with rows takes block 0, where key 0 is visible to each row: the running max is finite from then on.
+    uint32_t pf[NK / 2][4];  // P rounded to bf16: the A fragments of keys k0 + 16 kc .. + 15
 #pragma unroll
-      for (int kk = 0; kk < KS; ++kk) {
-        if (16 * kk >= hd) continue;
+    for (int kc = 0; kc < NK / 2; ++kc)
 #pragma unroll
-        for (int nt = 0; nt < NK; nt += 2) {
-          uint32_t bk[4];
-          ldmatrix_x4(bk, kt + k_lane + nt * 8 * pitch + 16 * kk);
-          mma_bf16(s[nt], qf[kk], bk[0], bk[1]);
-          mma_bf16(s[nt + 1], qf[kk], bk[2], bk[3]);
+      for (int i = 0; i < 4; ++i) pf[kc][i] = 0u;
+    if (k0 <= warp_last_pos) {
+      if constexpr (!WGMMA) {
+        const bf16* kt = ks + (kb & 1) * stage_elems;
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+          if (16 * kk >= hd) continue;
+#pragma unroll
+          for (int nt = 0; nt < NK; nt += 2) {
+            uint32_t bk[4];
+            ldmatrix_x4(bk, kt + k_lane + nt * 8 * pitch + 16 * kk);
+            mma_bf16(s[nt], qf[kk], bk[0], bk[1]);
+            mma_bf16(s[nt + 1], qf[kk], bk[2], bk[3]);
+          }
         }
       }
 
@@ -442,7 +496,6 @@ __global__ void __launch_bounds__(k_mma_threads)
       const float corr0 = exp2f((m0 - mx0) * scale_log2), corr1 = exp2f((m1 - mx1) * scale_log2);
       const float base0 = mx0 * scale_log2, base1 = mx1 * scale_log2;
       float sum0 = 0.0f, sum1 = 0.0f;
-      uint32_t pf[NK / 2][4];  // P rounded to bf16: the A fragments of keys k0 + 16 kc .. + 15
 #pragma unroll
       for (int nt = 0; nt < NK; ++nt) {
         const float p0 = exp2f(fmaf(s[nt][0], scale_log2, -base0)), p1 = exp2f(fmaf(s[nt][1], scale_log2, -base0));
@@ -458,23 +511,36 @@ __global__ void __launch_bounds__(k_mma_threads)
       m1 = mx1;
 #pragma unroll
       for (int nd = 0; nd < ND; ++nd) {
-        o[nd][0] *= corr0;
-        o[nd][1] *= corr0;
-        o[nd][2] *= corr1;
-        o[nd][3] *= corr1;
+        o[4 * nd + 0] *= corr0;
+        o[4 * nd + 1] *= corr0;
+        o[4 * nd + 2] *= corr1;
+        o[4 * nd + 3] *= corr1;
       }
 
       // O += P V, 16 keys per step.
+      if constexpr (!WG_PV) {
+        const bf16* vt = vs + (kb & 1) * stage_elems;
+#pragma unroll
+        for (int kc = 0; kc < NK / 2; ++kc)
+#pragma unroll
+          for (int nd = 0; nd < ND; nd += 2) {
+            if (8 * nd >= hd) continue;
+            uint32_t bv[4];
+            ldmatrix_x4_trans(bv, vt + v_lane + 16 * kc * pitch + 8 * nd);
+            mma_bf16(*reinterpret_cast<float(*)[4]>(&o[4 * nd]), pf[kc], bv[0], bv[1]);
+            mma_bf16(*reinterpret_cast<float(*)[4]>(&o[4 * nd + 4]), pf[kc], bv[2], bv[3]);
+          }
+      }
+    }
+    if constexpr (WG_PV) {  // the whole warpgroup, P = 0 for the rows of a warp that skipped the block
+      const uint32_t vt = v_swizzled + (kb & 1) * K_STAGE_BYTES;
+      wgmma_fence();
 #pragma unroll
       for (int kc = 0; kc < NK / 2; ++kc)
-#pragma unroll
-        for (int nd = 0; nd < ND; nd += 2) {
-          if (8 * nd >= hd) continue;
-          uint32_t bv[4];
-          ldmatrix_x4_trans(bv, vt + v_lane + 16 * kc * pitch + 8 * nd);
-          mma_bf16(o[nd], pf[kc], bv[0], bv[1]);
-          mma_bf16(o[nd + 1], pf[kc], bv[2], bv[3]);
-        }
+        wgmma_m64n128k16_rs_mn(o, pf[kc], wgmma_desc_mn(vt + kc * 16 * 128, k_key_chunk_bytes));
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operands(o);
     }
     __syncthreads();  // the stage just read is the next one loaded
   }
@@ -494,7 +560,7 @@ __global__ void __launch_bounds__(k_mma_threads)
     for (int nd = 0; nd < ND; ++nd) {
       if (8 * nd >= hd) continue;
       const int d = 8 * nd + 2 * tq;
-      const float v0 = o[nd][2 * half] / l, v1 = o[nd][2 * half + 1] / l;
+      const float v0 = o[4 * nd + 2 * half] / l, v1 = o[4 * nd + 2 * half + 1] / l;
       *reinterpret_cast<float2*>(out + at + d) = make_float2(v0, v1);
       if (out_bf16.hi != nullptr) {
         store_bf16(out_bf16, at + d, v0);
@@ -508,16 +574,21 @@ void launch_prefill_mma(float* out, Bf16Pair out_bf16, const float* q, const bf1
                         const AttentionBatch& b, int num_heads, int num_kv_heads, int hd, cudaStream_t stream) {
   constexpr float k_log2e = 1.4426950408889634f;
   const float scale_log2 = k_log2e / sqrtf(static_cast<float>(hd));
-  const size_t smem = mma_smem_bytes(hd);
-  auto run = [&](auto kernel) {
+  const bool wgmma = wgmma_allowed() && wgmma_available();
+  auto run = [&](auto kernel, int hdmax, bool with_wgmma) {
+    const size_t smem = mma_smem_bytes(hd, hdmax, with_wgmma);
     allow_dynamic_smem(kernel, smem);
     launch_kernel(kernel, dim3(num_heads, b.num_prefill_tiles), k_mma_threads, smem, stream, out, out_bf16, q, k_cache,
                   v_cache, b, num_heads, num_kv_heads, hd, scale_log2);
     CUDA_CHECK_LAUNCH();
   };
-  if (hd <= 32) run(attention_prefill_mma_kernel<32>);
-  else if (hd <= 64) run(attention_prefill_mma_kernel<64>);
-  else run(attention_prefill_mma_kernel<128>);
+  auto run_hd = [&]<int HDMAX>() {
+    if (wgmma) run(attention_prefill_mma_kernel<HDMAX, true>, HDMAX, true);
+    else run(attention_prefill_mma_kernel<HDMAX, false>, HDMAX, false);
+  };
+  if (hd <= 32) run_hd.template operator()<32>();
+  else if (hd <= 64) run_hd.template operator()<64>();
+  else run_hd.template operator()<128>();
 }
 
 // ---- decode rows, vectorised: a group of lanes per cached row -------------------------------------------
