@@ -408,14 +408,15 @@ class LtProduct {
   int found_ = 0;
 };
 
-// The dense products of decode-sized large passes, as Blas::gemm runs them (algo -1: cublasGemmEx), and
+// The dense products of large passes, as Blas::gemm runs them (algo -1: cublasGemmEx), and
 // each of the first 8 algorithms cuBLASLt's heuristic offers for the same product (algo 0..7), to see
-// how far the default is from the best cuBLAS has. Args: n (output features), tokens, k, algo. Reports
-// the weights' bytes per second (bf16 [n, k]).
+// how far the default is from the best cuBLAS has. Args: n (output features), tokens, k, algo, beta (1: y +=,
+// as o_proj adds into the residual; cublasGemmEx only). Reports the weights' bytes per second (bf16 [n, k]).
 void BM_DenseGemm(benchmark::State& state) {
   if (skip_without_gpu(state)) return;
   const int n = static_cast<int>(state.range(0)), tokens = static_cast<int>(state.range(1));
   const int k = static_cast<int>(state.range(2)), algo = static_cast<int>(state.range(3));
+  const float beta = static_cast<float>(state.range(4));
   std::mt19937 rng(3);
   std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
   std::vector<float> w(static_cast<size_t>(n) * k), x(static_cast<size_t>(tokens) * k);
@@ -433,7 +434,7 @@ void BM_DenseGemm(benchmark::State& state) {
     return;
   }
   auto run = [&] {
-    if (algo < 0) blas.gemm(d_y.data(), n, d_x.data(), d_w.data(), tokens, n, k, 0.0f);
+    if (algo < 0) blas.gemm(d_y.data(), n, d_x.data(), d_w.data(), tokens, n, k, beta);
     else lt.run(algo, d_y.data(), d_w.data(), d_x.data(), workspace);
   };
   run();
@@ -442,12 +443,24 @@ void BM_DenseGemm(benchmark::State& state) {
   const double checksum = sum_abs(d_y, static_cast<size_t>(tokens) * n);
   state.counters["GB/s"] = benchmark::Counter(2.0 * n * k * 1e-9 * static_cast<double>(state.iterations()),
                                               benchmark::Counter::kIsRate);
+  state.counters["TFLOP/s"] = benchmark::Counter(2.0 * n * k * tokens * 1e-12 * static_cast<double>(state.iterations()),
+                                                 benchmark::Counter::kIsRate);
   state.SetLabel("sum |y| " + std::to_string(checksum));
 }
 // Qwen1.5-MoE-A2.7B's q/k/v (6144 x 2048) and o_proj (2048 x 2048) at 64 and 256 tokens.
 BENCHMARK(BM_DenseGemm)
-    ->ArgNames({"n", "tokens", "k", "algo"})
-    ->ArgsProduct({{6144, 2048}, {64, 256}, {2048}, {-1, 0, 1, 2, 3, 4, 5, 6, 7}})
+    ->ArgNames({"n", "tokens", "k", "algo", "beta"})
+    ->ArgsProduct({{6144, 2048}, {64, 256}, {2048}, {-1, 0, 1, 2, 3, 4, 5, 6, 7}, {0}})
+    ->UseManualTime()
+    ->Unit(benchmark::kMicrosecond);
+// The dense products of a 2048-token prefill: q/k/v, o_proj, the shared expert's gate/up (2 x 5632 rows)
+// and down (k 5632).
+BENCHMARK(BM_DenseGemm)
+    ->ArgNames({"n", "tokens", "k", "algo", "beta"})
+    ->ArgsProduct({{6144, 2048, 11264}, {2048}, {2048}, {-1, 0, 1, 2, 3, 4, 5, 6, 7}, {0}})
+    ->ArgsProduct({{2048}, {2048}, {5632}, {-1, 0, 1, 2, 3, 4, 5, 6, 7}, {0}})
+    ->Args({2048, 2048, 2048, -1, 1})
+    ->Args({2048, 256, 2048, -1, 1})
     ->UseManualTime()
     ->Unit(benchmark::kMicrosecond);
 
