@@ -3,9 +3,10 @@
 // multiple of 16 (at most 128) a tile runs on the tensor cores (flash-attention 2: mma.sync m16n8k16, bf16
 // in, f32 accumulate, key blocks of 64 positions double-buffered in shared memory with cp.async; on an
 // sm_90a GPU the tile's four warps take both products as one warpgroup on wgmma instead, q and P from the
-// registers, k and v read from shared memory by the tensor cores, which adds the same terms in the same
-// order); there q and the softmax weights P are rounded to bf16 for the two products (new roundings beside
-// the cache's own: a relative error of a few 2^-9), while the scores, the softmax and the output stay f32. Otherwise
+// registers, k and v read from shared memory by the tensor cores: the same products, whose f32 sums can
+// differ from mma.sync's in the last bit); there q and the softmax weights P are rounded to bf16 for the
+// two products (new roundings beside the cache's own: a relative error of a few 2^-9), while the scores,
+// the softmax and the output stay f32. Otherwise
 // (the f32 cache, the accuracy path, and other head sizes) a tile computes in f32 on the CUDA cores,
 // sharing each key block loaded into shared memory (16-byte loads). A decode row (a sequence with one new
 // token) has a block of its own whose eight warps split the positions, each loading its keys and values
