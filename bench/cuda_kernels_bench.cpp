@@ -172,13 +172,15 @@ BENCHMARK(BM_AttentionPrefill)
 
 // Decode attention: `batch` sequences of `context` cached positions each (the last one the new token's),
 // one query row per sequence, bf16 cache in blocks of 16 shuffled over all sequences. Args: batch, context,
-// heads, kv heads, head_dim. Reports the cache's bytes read per second (keys and values of every
-// sequence, each kv head once) against the device's bandwidth.
+// heads, kv heads, head_dim, split (1: room for splitting few rows over their positions, as the backend
+// gives it; 0: a block per row and head). Reports the cache's bytes read per second (keys and values of
+// every sequence, each kv head once) against the device's bandwidth.
 void BM_AttentionDecode(benchmark::State& state) {
   if (skip_without_gpu(state)) return;
   const int batch = static_cast<int>(state.range(0)), context = static_cast<int>(state.range(1));
   const int heads = static_cast<int>(state.range(2)), kv_heads = static_cast<int>(state.range(3));
   const int hd = static_cast<int>(state.range(4));
+  const bool split = state.range(5) != 0;
   const int block_size = 16, blocks_per_seq = (context + block_size - 1) / block_size;
   const int num_blocks = batch * blocks_per_seq;
   const size_t q_elems = static_cast<size_t>(batch) * heads * hd;
@@ -205,6 +207,13 @@ void BM_AttentionDecode(benchmark::State& state) {
   ab.num_decode = batch;
   ab.token_seq = d_rows.data();
   ab.token_pos = d_pos.data();
+  DeviceBuffer<float> split_partials(split ? static_cast<size_t>(moescope::cuda::decode_split_floats(hd)) : 0);
+  DeviceBuffer<unsigned> split_tickets(split ? static_cast<size_t>(moescope::cuda::decode_split_blocks()) : 0);
+  if (split) {
+    CUDA_CHECK(cudaMemset(split_tickets.data(), 0, split_tickets.bytes()));
+    ab.split_partials = split_partials.data();
+    ab.split_tickets = split_tickets.data();
+  }
 
   auto run = [&] {  // as the large path calls it: the f32 output and its bf16 copy for o_proj
     moescope::cuda::attention(d_out.data(), d_out_bf16.data(), d_q.data(), d_k.data(), d_v.data(), ab, heads, kv_heads,
@@ -222,11 +231,15 @@ void BM_AttentionDecode(benchmark::State& state) {
 // Qwen1.5-MoE-A2.7B (16 heads, 16 kv heads, head_dim 128): batch 256 after a 128-token prompt (the bench's
 // decode), batch 1 at that length and at 4096; a GQA shape (32 heads, 4 kv heads) at batch 64 and 2048.
 BENCHMARK(BM_AttentionDecode)
-    ->ArgNames({"batch", "context", "heads", "kv_heads", "hd"})
-    ->Args({256, 144, 16, 16, 128})
-    ->Args({1, 144, 16, 16, 128})
-    ->Args({1, 4096, 16, 16, 128})
-    ->Args({64, 2048, 32, 4, 128})
+    ->ArgNames({"batch", "context", "heads", "kv_heads", "hd", "split"})
+    ->Args({256, 144, 16, 16, 128, 1})
+    ->Args({1, 144, 16, 16, 128, 1})
+    ->Args({1, 144, 16, 16, 128, 0})
+    ->Args({1, 4096, 16, 16, 128, 1})
+    ->Args({1, 4096, 16, 16, 128, 0})
+    ->Args({8, 4096, 16, 16, 128, 1})
+    ->Args({8, 4096, 16, 16, 128, 0})
+    ->Args({64, 2048, 32, 4, 128, 1})
     ->UseManualTime()
     ->Unit(benchmark::kMicrosecond);
 

@@ -775,14 +775,16 @@ TEST_F(CudaKernels, AttentionMatchesCpuAttentionOverPagedCache) {
     std::vector<std::vector<Chunk>> passes = {{{1, 0, 5}, {2, 0, 9}}, {{0, 0, 20}, {1, 5, 1}, {2, 9, 7}}};
     if (ac.long_block_size > 0) {
       block_size = ac.long_block_size;
-      const int blocks_a = (280 + block_size - 1) / block_size, blocks_b = (6 + block_size - 1) / block_size;
+      const int blocks_a = (281 + block_size - 1) / block_size, blocks_b = (7 + block_size - 1) / block_size;
       num_blocks = blocks_a + blocks_b + 3;  // a few never used
       std::vector<int32_t> ids(static_cast<size_t>(num_blocks));
       std::iota(ids.begin(), ids.end(), 0);
       std::shuffle(ids.begin(), ids.end(), rng);
       tables = {std::vector<int32_t>(ids.begin(), ids.begin() + blocks_a),
                 std::vector<int32_t>(ids.begin() + blocks_a, ids.begin() + blocks_a + blocks_b)};
-      passes = {{{0, 0, 150}, {1, 0, 5}}, {{0, 150, 130}, {1, 5, 1}}};
+      // The third pass decodes sequence 0 at position 280: few rows, so the decode kernel splits the
+      // positions over blocks and merges their parts (flash-decoding).
+      passes = {{{0, 0, 150}, {1, 0, 5}}, {{0, 150, 130}, {1, 5, 1}}, {{0, 280, 1}, {1, 6, 1}}};
     }
     const int num_seqs = static_cast<int>(tables.size());
     int max_blocks = 0;
@@ -794,6 +796,10 @@ TEST_F(CudaKernels, AttentionMatchesCpuAttentionOverPagedCache) {
     std::vector<int32_t> table_flat(static_cast<size_t>(num_seqs) * max_blocks, 0);
     for (int s = 0; s < num_seqs; ++s) std::copy(tables[s].begin(), tables[s].end(), table_flat.begin() + s * max_blocks);
     auto d_tables = to_device(table_flat);
+    // Room for decode rows split over their positions, as the backend keeps it.
+    DeviceBuffer<float> split_partials(static_cast<size_t>(cuda::decode_split_floats(ac.head_dim)));
+    DeviceBuffer<unsigned> split_tickets(static_cast<size_t>(cuda::decode_split_blocks()));
+    CUDA_CHECK(cudaMemset(split_tickets.data(), 0, split_tickets.bytes()));
 
     std::vector<cpu::SequenceCache> cpu_caches(static_cast<size_t>(num_seqs));
     for (auto& sc : cpu_caches) {
@@ -859,6 +865,8 @@ TEST_F(CudaKernels, AttentionMatchesCpuAttentionOverPagedCache) {
       ab.num_decode = static_cast<int>(decode_rows.size());
       ab.token_seq = d_seq.data();
       ab.token_pos = d_pos.data();
+      ab.split_partials = split_partials.data();
+      ab.split_tickets = split_tickets.data();
       DeviceBuffer<uint16_t> d_attn_hi(static_cast<size_t>(T) * q_size), d_attn_lo(d_attn_hi.size());
       cuda::attention(d_attn.data(), {d_attn_hi.data(), d_attn_lo.data()}, d_q.data(), k_cache.data(), v_cache.data(),
                       ab, ac.heads, ac.kv_heads, ac.head_dim, nullptr);

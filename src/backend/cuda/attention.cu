@@ -11,6 +11,7 @@
 // sharing each key block loaded into shared memory (16-byte loads). A decode row (a sequence with one new
 // token) has a block of its own whose eight warps split the positions, each loading its keys and values
 // with all loads in flight, and merge their partial softmaxes; it computes in f32 for either cache.
+#include <cstddef>
 #include <type_traits>
 
 #include "backend/cuda/mma.cuh"
@@ -166,6 +167,44 @@ __device__ __forceinline__ void merge_warps(float* out, const Bf16Pair& out_bf16
   for (int d = threadIdx.x; d < hd; d += blockDim.x) {
     float o = 0.0f;
     for (int w = 0; w < k_warps; ++w) o += part_acc[w][d] * scale_w[w];
+    o /= l_all;
+    out[at + d] = o;
+    if (out_bf16.hi != nullptr) store_bf16(out_bf16, at + d, o);
+  }
+}
+
+// The eight warps' partial softmaxes as one block's partial: partial[0] = max, partial[1] = sum, partial[2 +
+// d] = the output's dim d, unnormalised (scaled to that max).
+template <int PITCH>
+__device__ __forceinline__ void merge_warps(float* partial, std::nullptr_t, int hd, const float* part_m,
+                                            const float* part_l, const float (*part_acc)[PITCH]) {
+  float m_all = -INFINITY;
+  for (int w = 0; w < k_warps; ++w) m_all = fmaxf(m_all, part_m[w]);
+  float l_all = 0.0f, scale_w[k_warps];
+  for (int w = 0; w < k_warps; ++w) {
+    scale_w[w] = part_m[w] == -INFINITY ? 0.0f : expf(part_m[w] - m_all);
+    l_all += part_l[w] * scale_w[w];
+  }
+  if (threadIdx.x == 0) partial[0] = m_all, partial[1] = l_all;
+  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+    float o = 0.0f;
+    for (int w = 0; w < k_warps; ++w) o += part_acc[w][d] * scale_w[w];
+    partial[2 + d] = o;
+  }
+}
+
+// The parts' partial softmaxes (merge_warps above, `parts` of them, hd + 2 floats apart) merged in part
+// order into the output row at `at`. Read through L2: other blocks wrote them.
+__device__ __forceinline__ void merge_splits(float* out, const Bf16Pair& out_bf16, int64_t at, int hd,
+                                             const float* partials, int parts) {
+  float m_all = -INFINITY;
+  for (int z = 0; z < parts; ++z) m_all = fmaxf(m_all, __ldcg(partials + z * (hd + 2)));
+  float l_all = 0.0f;
+  for (int z = 0; z < parts; ++z) l_all += __ldcg(partials + z * (hd + 2) + 1) * expf(__ldcg(partials + z * (hd + 2)) - m_all);
+  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+    float o = 0.0f;
+    for (int z = 0; z < parts; ++z)
+      o += __ldcg(partials + z * (hd + 2) + 2 + d) * expf(__ldcg(partials + z * (hd + 2)) - m_all);
     o /= l_all;
     out[at + d] = o;
     if (out_bf16.hi != nullptr) store_bf16(out_bf16, at + d, o);
@@ -602,17 +641,22 @@ void launch_prefill_mma(float* out, Bf16Pair out_bf16, const float* q, const bf1
 // the positions 0..pos; the online softmax (running max and sum) is kept per warp, the eight merged at
 // the end as in the kernel above. Compared with it, every load is 16 bytes and the values need no
 // shuffles: the same f32 arithmetic in another order.
+// chunk > 0 (flash-decoding, few rows): grid (num_decode, num_heads, splits), block z takes the positions
+// z chunk .. z chunk + chunk - 1 (<= pos; a block past pos exits) and leaves its partial softmax (max,
+// sum, unnormalised output) in b.split_partials; the last of a (row, head)'s blocks to finish (a ticket)
+// merges them in split order (merge_splits), so the result does not depend on which block ends last.
 // Occupancy over depth: 4 rows a step and at most 64 registers, so that 4 blocks share an SM. A decode
 // block's life is mostly waiting on its loads, and more of them at once serve the bandwidth better than
 // deeper steps (cuda_kernels_bench on the H100, batch 256 x 144 positions, 16 heads of 128: 8 rows a step
 // and 127 registers, 2 blocks an SM, 208 us = 1.45 TB/s; 4 rows and 4 blocks, 132 us = 2.29 TB/s).
 constexpr int k_vec_steps = 4;  // rows per lane group per step
+constexpr int k_decode_split_chunk = 256;  // positions per block of a split decode row
 
 template <typename CacheT, int LPR>
 __global__ void __launch_bounds__(k_threads, 4)
     attention_decode_vec_kernel(float* out, Bf16Pair out_bf16, const float* q, const CacheT* k_cache,
                                 const CacheT* v_cache, AttentionBatch b, int num_heads, int num_kv_heads, int hd,
-                                float scale) {
+                                float scale, int chunk) {
   constexpr int VEC = 16 / sizeof(CacheT);  // elements per 16-byte load
   constexpr int GROUPS = 32 / LPR;          // rows per warp and load
   constexpr int STEP = GROUPS * k_vec_steps;  // positions per warp and step
@@ -622,13 +666,17 @@ __global__ void __launch_bounds__(k_threads, 4)
   const int row = b.decode_rows[blockIdx.x];
   const int seq = b.token_seq[row], pos = b.token_pos[row];
   const int h = blockIdx.y, kvh = h / (num_heads / num_kv_heads);
+  // This block's positions first .. last, of the (row, head)'s parts.
+  const int first = chunk > 0 ? static_cast<int>(blockIdx.z) * chunk : 0;
+  const int last = chunk > 0 ? min(pos, first + chunk - 1) : pos, parts = chunk > 0 ? pos / chunk + 1 : 1;
+  if (first > pos) return;
   const int q_size = num_heads * hd, kv_size = num_kv_heads * hd;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, group = lane / LPR, chunk = lane % LPR;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, group = lane / LPR, piece = lane % LPR;
   const int32_t* block_table = b.block_tables + static_cast<int64_t>(seq) * b.max_blocks;
 
   float qv[VEC];
   {
-    const float* qr = q + static_cast<int64_t>(row) * q_size + h * hd + chunk * VEC;
+    const float* qr = q + static_cast<int64_t>(row) * q_size + h * hd + piece * VEC;
 #pragma unroll
     for (int i = 0; i < VEC; i += 4) {
       const float4 v4 = __ldcg(reinterpret_cast<const float4*>(qr + i));
@@ -639,16 +687,16 @@ __global__ void __launch_bounds__(k_threads, 4)
 #pragma unroll
   for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
 
-  for (int base = warp * STEP; base <= pos; base += k_warps * STEP) {
+  for (int base = first + warp * STEP; base <= last; base += k_warps * STEP) {
     uint4 kraw[k_vec_steps], vraw[k_vec_steps];
     bool valid[k_vec_steps];
 #pragma unroll
     for (int u = 0; u < k_vec_steps; ++u) {  // every load of the step in flight
       const int key = base + u * GROUPS + group;
-      valid[u] = key <= pos;
+      valid[u] = key <= last;
       kraw[u] = vraw[u] = make_uint4(0, 0, 0, 0);
       if (valid[u]) {
-        const int64_t at = cache_row(block_table, b.block_size, key) * kv_size + kvh * hd + chunk * VEC;
+        const int64_t at = cache_row(block_table, b.block_size, key) * kv_size + kvh * hd + piece * VEC;
         kraw[u] = __ldcg(reinterpret_cast<const uint4*>(k_cache + at));
         vraw[u] = __ldcg(reinterpret_cast<const uint4*>(v_cache + at));
       }
@@ -669,7 +717,7 @@ __global__ void __launch_bounds__(k_threads, 4)
     }
 #pragma unroll
     for (int offset = LPR; offset < 32; offset <<= 1) step_max = fmaxf(step_max, __shfl_xor_sync(k_full_mask, step_max, offset));
-    const float m_new = fmaxf(m, step_max);  // finite: the warp's first position of the step is <= pos
+    const float m_new = fmaxf(m, step_max);  // finite: the warp's first position of the step is <= last
     const float correction = expf(m - m_new);  // 0 on the first step (m = -inf)
     float p_sum = 0.0f;
 #pragma unroll
@@ -699,16 +747,32 @@ __global__ void __launch_bounds__(k_threads, 4)
   }
   if (group == 0)
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) part_acc[warp][chunk * VEC + i] = acc[i];
+    for (int i = 0; i < VEC; ++i) part_acc[warp][piece * VEC + i] = acc[i];
   __syncthreads();
-  merge_warps(out, out_bf16, static_cast<int64_t>(row) * q_size + h * hd, hd, part_m, part_l, part_acc);
+  const int64_t at = static_cast<int64_t>(row) * q_size + h * hd;
+  if (parts == 1) {
+    merge_warps(out, out_bf16, at, hd, part_m, part_l, part_acc);
+    return;
+  }
+  const int pair = static_cast<int>(blockIdx.x) * num_heads + h;  // < decode_split_blocks()
+  float* const partials = b.split_partials + static_cast<int64_t>(pair) * gridDim.z * (hd + 2);
+  merge_warps(partials + blockIdx.z * (hd + 2), nullptr, hd, part_m, part_l, part_acc);
+  __shared__ bool last_block;
+  __threadfence();  // this block's partial, visible before its ticket
+  __syncthreads();
+  if (threadIdx.x == 0) last_block = atomicAdd(&b.split_tickets[pair], 1u) == static_cast<unsigned>(parts - 1);
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+  if (threadIdx.x == 0) b.split_tickets[pair] = 0;  // for the next launch (launches on a stream run in order)
+  merge_splits(out, out_bf16, at, hd, partials, parts);
 }
 
 // The vectorised decode kernel for this cache and head size, or nullptr where a row is not a power of two
 // of 16-byte pieces up to 32 (the kernel above takes those).
 template <typename CacheT>
 using DecodeVecKernel = void (*)(float*, Bf16Pair, const float*, const CacheT*, const CacheT*, AttentionBatch, int, int,
-                                 int, float);
+                                 int, float, int);
 template <typename CacheT>
 DecodeVecKernel<CacheT> decode_vec_kernel(int hd) {
   const int bytes = hd * static_cast<int>(sizeof(CacheT));
@@ -738,10 +802,20 @@ void launch(float* out, Bf16Pair out_bf16, const float* q, const CacheT* k_cache
     CUDA_CHECK_LAUNCH();
   }
   if (b.num_decode > 0) {
-    if (const DecodeVecKernel<CacheT> vec = decode_vec_kernel<CacheT>(hd); vec != nullptr)
-      launch_kernel(vec, dim3(b.num_decode, num_heads), k_threads, 0, stream, out, out_bf16, q, k_cache, v_cache, b,
-                    num_heads, num_kv_heads, hd, scale);
-    else
+    if (const DecodeVecKernel<CacheT> vec = decode_vec_kernel<CacheT>(hd); vec != nullptr) {
+      // Few (row, head) pairs leave most SMs idle: split the positions into chunks of 256 (more where the
+      // block tables' widest row needs more than k_decode_max_splits of them), a block each. The chunks do
+      // not depend on the tables' width up to 16384 positions, so a graph (widest tables) and an eager pass
+      // give the same sums.
+      const int pairs = b.num_decode * num_heads, widest = b.max_blocks * b.block_size;
+      int splits = 1, chunk = 0;
+      if (b.split_partials != nullptr && pairs < decode_split_blocks() && widest > k_decode_split_chunk) {
+        chunk = std::max(k_decode_split_chunk, ceil_div(ceil_div(widest, k_decode_max_splits), 64) * 64);
+        splits = ceil_div(widest, chunk);
+      }
+      launch_kernel(vec, dim3(b.num_decode, num_heads, splits), k_threads, 0, stream, out, out_bf16, q, k_cache,
+                    v_cache, b, num_heads, num_kv_heads, hd, scale, splits > 1 ? chunk : 0);
+    } else
       launch_kernel(attention_decode_kernel<NCH, CacheT>, dim3(b.num_decode, num_heads), k_threads, 0, stream, out,
                     out_bf16, q, k_cache, v_cache, b, num_heads, num_kv_heads, hd, scale);
     CUDA_CHECK_LAUNCH();
@@ -768,6 +842,8 @@ void dispatch(float* out, Bf16Pair out_bf16, const float* q, const CacheT* k_cac
 }
 
 }  // namespace
+
+int decode_split_blocks() { return 2 * multiprocessors(); }
 
 void attention(float* out, Bf16Pair out_bf16, const float* q, const bf16* k_cache, const bf16* v_cache,
                const AttentionBatch& batch, int num_heads, int num_kv_heads, int head_dim, cudaStream_t stream) {

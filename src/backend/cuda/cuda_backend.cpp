@@ -226,6 +226,8 @@ struct CudaBackend::Impl {
 
   DeviceBuffer<char> workspace;
   DeviceBuffer<unsigned> router_ticket;  // router_small's last-block ticket (zeroed once, reset by the kernel)
+  DeviceBuffer<float> decode_split_partials;  // decode rows split over their positions (AttentionBatch)
+  DeviceBuffer<unsigned> decode_split_tickets;
   PinnedBuffer<int32_t> meta_host;
   PinnedBuffer<float> logits_host;
   PinnedBuffer<unsigned long long> greedy_host;
@@ -540,6 +542,8 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
   ab.num_decode = sh.num_decode;
   ab.token_seq = d_token_seq;
   ab.token_pos = d_token_pos;
+  ab.split_partials = decode_split_partials.data();
+  ab.split_tickets = decode_split_tickets.data();
 
   const int num_pairs = T * top_k;
   const ExpertGroups groups = carve_expert_groups(p.groups, num_pairs, c.num_experts);
@@ -913,6 +917,9 @@ CudaBackend::CudaBackend(std::shared_ptr<const ModelWeights> weights, CudaBacken
   m.blas_handle = std::make_unique<Blas>();
   m.router_ticket = DeviceBuffer<unsigned>(1);
   CUDA_CHECK(cudaMemset(m.router_ticket.data(), 0, sizeof(unsigned)));
+  m.decode_split_partials = DeviceBuffer<float>(static_cast<size_t>(decode_split_floats(m.c.head_dim)));
+  m.decode_split_tickets = DeviceBuffer<unsigned>(static_cast<size_t>(decode_split_blocks()));
+  CUDA_CHECK(cudaMemset(m.decode_split_tickets.data(), 0, m.decode_split_tickets.bytes()));
   m.blas_handle->set_stream(m.stream);
   const ModelConfig& c = m.c;
   for (int l = 0; l < c.num_hidden_layers; ++l)

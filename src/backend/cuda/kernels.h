@@ -110,7 +110,19 @@ struct AttentionBatch {
   int num_decode = 0;
   const int32_t* token_seq = nullptr;     // [num_tokens]
   const int32_t* token_pos = nullptr;     // [num_tokens]
+  // Room for decode rows split over the positions (flash-decoding), when few rows leave most of the GPU
+  // idle: partial softmaxes of up to k_decode_split_blocks (row, head) pairs x k_decode_max_splits parts of
+  // head_dim + 2 floats, and a ticket per (row, head), zero before the first launch (the kernel's last
+  // block of a pair resets it). Null: no splits.
+  float* split_partials = nullptr;
+  unsigned* split_tickets = nullptr;
 };
+constexpr int k_decode_max_splits = 64;
+// Rows x heads below which decode rows split; the room the split scratch needs (decode_split_floats).
+int decode_split_blocks();
+inline int64_t decode_split_floats(int head_dim) {
+  return static_cast<int64_t>(decode_split_blocks()) * k_decode_max_splits * (head_dim + 2);
+}
 
 // Causal GQA attention of every new token over its sequence's cached positions 0..pos (the new
 // tokens' k/v already written). q, out: [num_tokens, num_heads * head_dim] f32; out_bf16: same shape
