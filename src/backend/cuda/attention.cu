@@ -200,7 +200,8 @@ __device__ __forceinline__ void merge_splits(float* out, const Bf16Pair& out_bf1
   float m_all = -INFINITY;
   for (int z = 0; z < parts; ++z) m_all = fmaxf(m_all, __ldcg(partials + z * (hd + 2)));
   float l_all = 0.0f;
-  for (int z = 0; z < parts; ++z) l_all += __ldcg(partials + z * (hd + 2) + 1) * expf(__ldcg(partials + z * (hd + 2)) - m_all);
+  for (int z = 0; z < parts; ++z)
+    l_all += __ldcg(partials + z * (hd + 2) + 1) * expf(__ldcg(partials + z * (hd + 2)) - m_all);
   for (int d = threadIdx.x; d < hd; d += blockDim.x) {
     float o = 0.0f;
     for (int z = 0; z < parts; ++z)
@@ -312,9 +313,10 @@ static_assert(k_mma_threads / 32 * k_mma_warp_rows == k_prefill_tile_rows, "4 wa
 
 // Dynamic shared memory of the kernel: k and v of two key blocks, [2][64][hd + 8] bf16 each. The 16-byte
 // pad makes the row pitch an odd number of 16-byte units (hd % 16 == 0), so the eight rows of an ldmatrix
-// phase fall in eight different bank groups. With WGMMA (q . k on Hopper's warpgroup MMA) k is kept as
-// wgmma reads it instead (wgmma.cuh): per stage, chunks of 64 dims, each [64 keys][128 bytes] swizzled,
-// 1024-aligned (1024 bytes more for the alignment); v as before after it.
+// phase fall in eight different bank groups. With WGMMA (Hopper's warpgroup MMA) k is kept as wgmma
+// reads it instead (wgmma.cuh): per stage, chunks of 64 dims, each [64 keys][128 bytes] swizzled,
+// 1024-aligned (1024 bytes more for the alignment); v after it, the same way for HDMAX 128 (P . V on
+// wgmma too), else as before.
 constexpr int k_key_chunk_bytes = k_mma_keys * 128;  // 64 dims of 64 keys
 __host__ __device__ constexpr int key_chunks(int hdmax) { return hdmax > 64 ? hdmax / 64 : 1; }
 size_t mma_smem_bytes(int hd, int hdmax, bool wgmma) {
@@ -328,7 +330,8 @@ size_t mma_smem_bytes(int hd, int hdmax, bool wgmma) {
 // 16 w + g + 8. HDMAX: head_dim rounded up to 32, 64 or 128, the size of the register arrays (16-dim
 // steps past hd are skipped). WGMMA (sm_90a): the four warps, one warpgroup, take the scores q . k of a
 // key block with one wgmma.m64n64k16 per 16 dims (q from the registers, k from shared memory), whose
-// accumulators are laid out as the mma.sync ones; P . V stays on mma.sync.
+// accumulators are laid out as the mma.sync ones; for HDMAX 128 (WG_PV) also P . V, one wgmma.m64n128k16
+// per 16 keys (P from the registers, v from shared memory as an MN-major operand), below on mma.sync.
 template <int HDMAX, bool WGMMA>
 __global__ void __launch_bounds__(k_mma_threads, 3)
     attention_prefill_mma_kernel(float* out, Bf16Pair out_bf16, const float* q, const bf16* k_cache,
