@@ -886,7 +886,7 @@ TEST_F(CudaKernels, AttentionMatchesCpuAttentionOverPagedCache) {
                                decode_rows.size()),
                    got, ref, k_bf16_tol);
       if (!tiles.empty() && cuda::wgmma_available()) {
-        // Prefill tiles took q . k on wgmma: the same batch with the mma.sync kernel, each against the CPU.
+        // Prefill tiles took their products on wgmma: the same batch on the mma.sync kernel, each against the CPU.
         auto d_attn_sync = test::poisoned(static_cast<size_t>(T) * q_size);
         cuda::set_wgmma_allowed(false);
         cuda::attention(d_attn_sync.data(), nullptr, d_q.data(), k_cache.data(), v_cache.data(), ab, ac.heads,

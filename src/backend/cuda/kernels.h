@@ -111,7 +111,7 @@ struct AttentionBatch {
   const int32_t* token_seq = nullptr;     // [num_tokens]
   const int32_t* token_pos = nullptr;     // [num_tokens]
   // Room for decode rows split over the positions (flash-decoding), when few rows leave most of the GPU
-  // idle: partial softmaxes of up to k_decode_split_blocks (row, head) pairs x k_decode_max_splits parts of
+  // idle: partial softmaxes of up to decode_split_blocks() (row, head) pairs x k_decode_max_splits parts of
   // head_dim + 2 floats, and a ticket per (row, head), zero before the first launch (the kernel's last
   // block of a pair resets it). Null: no splits.
   float* split_partials = nullptr;
