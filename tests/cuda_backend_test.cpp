@@ -528,6 +528,76 @@ TEST_F(CudaBackendTest, BadWgmmaSwitchIsAClearError) {
   expect_environment_error("MOESCOPE_CUDA_WGMMA", "off", "MOESCOPE_CUDA_WGMMA=off: expected 0 or 1");
 }
 
+TEST_F(CudaBackendTest, BadL2PrefetchSizeIsAClearError) {
+  expect_environment_error("MOESCOPE_CUDA_L2_PREFETCH_MB", "32MB",
+                           "MOESCOPE_CUDA_L2_PREFETCH_MB=32MB: expected a whole number from 0 to 1024");
+  expect_environment_error("MOESCOPE_CUDA_L2_PREFETCH_LAST", "2", "MOESCOPE_CUDA_L2_PREFETCH_LAST=2: expected a whole number from 0 to 1");
+}
+
+// Prefetching the shared expert into L2 is a hint: decode passes on the small path (3 sequences) and the
+// grouped one (12), replayed from graphs, give the same logits and routes to the bit with and without it,
+// whether the prefetch covers part of the gate/up weights or all of them and part of down.
+TEST_F(CudaBackendTest, L2PrefetchOfTheSharedExpertChangesNoResult) {
+  Json reference;
+  const auto weights = load_fixture("qwen2_moe_gqa_shared", &reference);
+  ASSERT_TRUE(weights);
+  const ModelConfig& c = weights->config;
+  ASSERT_TRUE(c.has_shared_expert());
+  const size_t gate_up = 2 * static_cast<size_t>(c.shared_expert_intermediate_size) * c.hidden_size * 2;
+  const size_t down = gate_up / 2;
+  const auto base = reference["prompts"][1]["prompt_ids"].get<std::vector<int32_t>>();
+  for (const bool whole : {false, true}) {
+    cuda::CudaBackendOptions plain_options = small_options(8), prefetch_options = small_options(8);
+    // Half of gate/up (one span, evict-normal), or all of gate/up and half of down (both, evict-last).
+    prefetch_options.l2_prefetch_bytes = whole ? gate_up + down / 2 : gate_up / 2;
+    prefetch_options.l2_prefetch_evict_last = whole;
+    cuda::CudaBackend plain(weights, plain_options), prefetching(weights, prefetch_options);
+    for (const int batch_size : {3, 12}) {
+      std::vector<int> cache_a, cache_b;
+      Batch prefill_a, prefill_b;
+      std::vector<std::vector<int32_t>> prompts;
+      for (int b = 0; b < batch_size; ++b) {
+        prompts.push_back(base);
+        prompts.back().resize(base.size() - static_cast<size_t>(b % 5));
+        prompts.back()[0] = static_cast<int32_t>(3 + b);
+        cache_a.push_back(plain.create_cache());
+        cache_b.push_back(prefetching.create_cache());
+        prefill_a.sequences.push_back({cache_a.back(), 0, prompts[b], fmt::format("s{}", b)});
+        prefill_b.sequences.push_back({cache_b.back(), 0, prompts[b], fmt::format("s{}", b)});
+      }
+      std::vector<float> logits_a, logits_b;
+      plain.forward(prefill_a, nullptr, logits_a);
+      prefetching.forward(prefill_b, nullptr, logits_b);
+      ASSERT_EQ(logits_b, logits_a);
+      std::vector<int32_t> next(batch_size), pos(batch_size);
+      for (int b = 0; b < batch_size; ++b) pos[b] = static_cast<int32_t>(prompts[b].size());
+      for (int step = 0; step < 4; ++step) {
+        Batch da, db;
+        for (int b = 0; b < batch_size; ++b) {
+          next[b] = argmax(std::span<const float>(logits_a.data() + static_cast<size_t>(b) * c.vocab_size, c.vocab_size));
+          da.sequences.push_back({cache_a[b], pos[b], std::span<const int32_t>(&next[b], 1), fmt::format("s{}", b)});
+          db.sequences.push_back({cache_b[b], pos[b], std::span<const int32_t>(&next[b], 1), fmt::format("s{}", b)});
+          ++pos[b];
+        }
+        test::CaptureSink sink_a, sink_b;
+        plain.forward(da, &sink_a, logits_a);
+        prefetching.forward(db, &sink_b, logits_b);
+        ASSERT_EQ(logits_b, logits_a) << "batch " << batch_size << " step " << step;
+        for (const auto& [layer, routes] : sink_a.routes) {
+          EXPECT_EQ(sink_b.routes[layer].ids, routes.ids) << "layer " << layer;
+          EXPECT_EQ(sink_b.routes[layer].weights, routes.weights) << "layer " << layer;
+        }
+      }
+      for (int b = 0; b < batch_size; ++b) {
+        plain.free_cache(cache_a[b]);
+        prefetching.free_cache(cache_b[b]);
+      }
+    }
+  }
+  std::printf("  shared expert gate/up %zu + down %zu bytes, %zu and %zu prefetched: decode batches of 3 and 12 equal "
+              "with and without the prefetch, bit for bit\n", gate_up, down, gate_up / 2, gate_up + down / 2);
+}
+
 
 TEST_F(CudaBackendTest, KvCacheFullIsAClearErrorAndFreedBlocksAreReused) {
   Json reference;
