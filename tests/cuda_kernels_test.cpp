@@ -15,7 +15,6 @@
 #include "backend/cuda/kernels.h"
 #include "cuda_test_util.h"
 #include "test_util.h"
-#include "util/error.h"
 
 namespace moescope {
 namespace {
@@ -974,35 +973,6 @@ TEST_F(CudaKernels, GreedyKeysPickTheFirstLargestLogitLikeTorchArgmax) {
     }
   }
   std::printf("  9 rows per vocabulary of 1, 37, 8192, 8193 and 151936 logits: each row's argmax as torch.argmax\n");
-}
-
-// The L2 prefetch is a hint: over spans that end inside a chunk and cover several chunks per block, with
-// either priority, it completes without an error and leaves the memory as it was; unaligned spans are a
-// clear error, raised before any launch.
-TEST_F(CudaKernels, L2PrefetchCompletesAndChangesNothing) {
-  std::mt19937 rng(43);
-  const std::vector<float> a = random_f32((size_t{48} << 20) / sizeof(float) + 12, rng);  // 48 MB + 48 bytes
-  const std::vector<float> b = random_f32(1000, rng);
-  const auto d_a = to_device(a), d_b = to_device(b);
-  for (const bool evict_last : {true, false}) {
-    cuda::L2Spans spans;
-    spans.ptr[0] = d_a.data();
-    spans.bytes[0] = a.size() * sizeof(float);
-    spans.ptr[1] = d_b.data();
-    spans.bytes[1] = b.size() * sizeof(float);
-    cuda::l2_prefetch(spans, evict_last, nullptr);
-    CUDA_CHECK(cudaDeviceSynchronize());
-  }
-  EXPECT_EQ(to_host(d_a, a.size()), a);
-  EXPECT_EQ(to_host(d_b, b.size()), b);
-  cuda::L2Spans odd;
-  odd.ptr[0] = d_b.data() + 1;  // 4 bytes past a 16-byte boundary
-  odd.bytes[0] = 64;
-  EXPECT_THROW(cuda::l2_prefetch(odd, true, nullptr), Error);
-  odd.ptr[0] = d_b.data();
-  odd.bytes[0] = 40;
-  EXPECT_THROW(cuda::l2_prefetch(odd, true, nullptr), Error);
-  std::printf("  48 MB + 48 bytes and 4000 bytes prefetched with both priorities: no error, contents unchanged\n");
 }
 
 TEST_F(CudaKernels, ReadBandwidthIsMeasured) {

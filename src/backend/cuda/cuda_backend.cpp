@@ -31,18 +31,6 @@ constexpr size_t k_workspace_reserve = size_t{1} << 30;
 size_t align_up(size_t n) { return (n + k_align - 1) / k_align * k_align; }
 int round_up8(int n) { return (n + 7) / 8 * 8; }
 
-// The first `bytes` of a dense group's weights, in the order its kernels read them: gate/up, then down.
-L2Spans dense_prefix(const ExpertWeights& f, int hidden, size_t bytes) {
-  const size_t gate_up = 2 * static_cast<size_t>(f.dense_inter) * hidden * sizeof(bf16);
-  const size_t down = static_cast<size_t>(f.dense_inter) * hidden * sizeof(bf16);
-  L2Spans spans;
-  spans.ptr[0] = f.dense_gate_up;
-  spans.bytes[0] = std::min(bytes, gate_up) / 16 * 16;
-  spans.ptr[1] = f.dense_down;
-  spans.bytes[1] = std::min(bytes - spans.bytes[0], down) / 16 * 16;
-  return spans;
-}
-
 std::set<std::string> parse_twice_stages() {
   std::set<std::string> stages;
   const char* env = std::getenv("MOESCOPE_CUDA_TWICE");
@@ -597,12 +585,6 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
         qkv_rope_cache(p.q, k_cache_l, v_cache_l, p.qkv, d_token_pos, d_slots, T, qp, stream);  // bias, norm, RoPE, cache
       });
     mark("qkv_rope_cache");
-    // The shared expert's (dense MLP's) first megabytes into L2 while attention, o_proj and the router run.
-    const bool dense_next = small || (L.is_moe && grouped_takes_dense(T, c.num_experts, top_k));
-    if (options.l2_prefetch_bytes > 0 && dense_next && L.ffn.dense_gate_up != nullptr) {
-      l2_prefetch(dense_prefix(L.ffn, hidden, options.l2_prefetch_bytes), options.l2_prefetch_evict_last, stream);
-      mark("l2_prefetch");
-    }
     for (int r = reps("attention"); r-- > 0;)
       with_cache([&](auto* k_cache_l, auto* v_cache_l) {
         attention(p.attn, small ? Bf16Pair{} : p.attn_bf16, p.q, k_cache_l, v_cache_l, ab, c.num_attention_heads,
@@ -912,16 +894,6 @@ bool switch_from_env(const char* name) {
   if (!value.empty() && value != "0" && value != "1") fail("{}={}: expected 0 or 1", name, value);
   return value != "0";
 }
-
-// A whole number from the environment variable `name` in [0, max], or `fallback` when it is unset or empty.
-int int_from_env(const char* name, int fallback, int max) {
-  const char* env = std::getenv(name);
-  if (env == nullptr || *env == '\0') return fallback;
-  const std::string value = env;
-  const bool digits = value.size() <= 9 && value.find_first_not_of("0123456789") == std::string::npos;
-  if (!digits || std::stoi(value) > max) fail("{}={}: expected a whole number from 0 to {}", name, value, max);
-  return std::stoi(value);
-}
 }  // namespace
 
 CudaBackend::CudaBackend(std::shared_ptr<const ModelWeights> weights, CudaBackendOptions options)
@@ -941,9 +913,6 @@ CudaBackend::CudaBackend(std::shared_ptr<const ModelWeights> weights, CudaBacken
   // keeps them on mma.sync (a diagnostic). Probed here, before any graph is captured.
   set_wgmma_allowed(switch_from_env("MOESCOPE_CUDA_WGMMA"));
   wgmma_available();
-  const int prefetch_mb = int_from_env("MOESCOPE_CUDA_L2_PREFETCH_MB", -1, 1024);
-  if (prefetch_mb >= 0) m.options.l2_prefetch_bytes = static_cast<size_t>(prefetch_mb) << 20;
-  m.options.l2_prefetch_evict_last = int_from_env("MOESCOPE_CUDA_L2_PREFETCH_LAST", m.options.l2_prefetch_evict_last, 1) != 0;
   CUDA_CHECK(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking));
   m.blas_handle = std::make_unique<Blas>();
   m.router_ticket = DeviceBuffer<unsigned>(1);

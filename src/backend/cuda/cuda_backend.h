@@ -22,14 +22,6 @@ struct CudaBackendOptions {
   bool kv_cache_f32 = false;            // keys and values cached in f32 (--kv-cache-dtype float32), else bf16
   bool matmul_precision_high = false;   // --matmul-precision high: the activations of tensor-core products
                                         // as two bf16 terms (hi + lo), each product taken over both
-  // Decode-sized passes ask L2 for the first l2_prefetch_bytes of each layer's shared expert (or
-  // dense MLP) when its q/k/v are projected, so that the attention, the router and the rest of the
-  // latency-bound stretch before the experts overlap those reads (docs/CUDA.md "Speed"); evict-last
-  // priority when l2_prefetch_evict_last. MOESCOPE_CUDA_L2_PREFETCH_MB (megabytes) and
-  // MOESCOPE_CUDA_L2_PREFETCH_LAST (0 or 1) override them (diagnostics). A hint: results are the same with
-  // any value.
-  size_t l2_prefetch_bytes = 0;
-  bool l2_prefetch_evict_last = true;
 };
 
 class CudaBackend final : public Backend {

@@ -257,19 +257,6 @@ inline bool grouped_takes_dense(int num_tokens, int num_experts, int top_k) {
 void greedy_keys(unsigned long long* keys, const float* logits, int rows, int vocab, cudaStream_t stream);
 inline int32_t greedy_token(unsigned long long key) { return static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(key)); }
 
-// --- Weights into L2 ahead of their kernel (l2_prefetch.cu) ---------------------------------------
-
-// Up to k_max ranges of device memory (16-byte aligned, multiples of 16 bytes; bytes 0: unused).
-struct L2Spans {
-  static constexpr int k_max = 2;
-  const void* ptr[k_max] = {};
-  size_t bytes[k_max] = {};
-};
-// Asks L2 to fetch the spans (sm_90's bulk prefetch; before sm_90 nothing), evict_last: with the
-// evict-last priority, so that streaming reads before their use do not push them out. A hint: it
-// returns at once and changes no result. One launch of one block per SM.
-void l2_prefetch(const L2Spans& spans, bool evict_last, cudaStream_t stream);
-
 // --- Device bandwidth (bandwidth.cu) ---------------------------------------------------------------
 
 struct BandwidthSample {
