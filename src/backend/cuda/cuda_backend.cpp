@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <cuda_profiler_api.h>
 #include <map>
 #include <optional>
 #include <set>
@@ -47,6 +48,19 @@ std::set<std::string> parse_twice_stages() {
   }
   fmt::print(stderr, "moescope: MOESCOPE_CUDA_TWICE={}: those stages run twice (a timing diagnostic; outputs are not the model's)\n", env);
   return stages;
+}
+
+// MOESCOPE_CUDA_PROFILER_TOKENS=T: the third pass of T tokens (the first two load the modules and capture a
+// decode graph) runs between cudaProfilerStart and cudaProfilerStop, so that `ncu --profile-from-start off`
+// times the kernels of that one pass. 0 when unset.
+int parse_profiler_tokens() {
+  const char* env = std::getenv("MOESCOPE_CUDA_PROFILER_TOKENS");
+  if (env == nullptr || *env == '\0') return 0;
+  char* end = nullptr;
+  const long value = std::strtol(env, &end, 10);
+  if (*end != '\0' || value < 1 || value > (1 << 24))
+    fail("MOESCOPE_CUDA_PROFILER_TOKENS={}: expected a number of tokens, 1 or more", env);
+  return static_cast<int>(value);
 }
 
 // Bump allocator over a device arena; with a null base it only measures.
@@ -263,6 +277,8 @@ struct CudaBackend::Impl {
   // experts_gate_up experts_down lm_head.
   std::set<std::string> twice_stages = parse_twice_stages();
   int reps(const char* stage) const { return twice_stages.count(stage) > 0 ? 2 : 1; }
+  const int profiler_tokens = parse_profiler_tokens();
+  int profiler_passes_seen = 0;
   std::vector<cudaEvent_t> profile_events;
   std::vector<const char*> mark_names;
   size_t num_marks = 0;
@@ -570,8 +586,8 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
       else f(k_cache.data() + l * layer_cache, v_cache.data() + l * layer_cache);
     };
     for (int r = reps("input_norm"); r-- > 0;)
-      rms_norm(p.h, small ? Bf16Pair{} : p.h_bf16, p.x, nullptr, T, hidden, L.input_layernorm, c.rms_norm_eps, pending,
-               stream);                                                                        // residual += ffn; pre-norm
+      rms_norm(small ? p.h : nullptr, small ? Bf16Pair{} : p.h_bf16, p.x, nullptr, T, hidden, L.input_layernorm,
+               c.rms_norm_eps, pending, stream);                                               // residual += ffn; pre-norm
     mark("input_norm");
     for (int r = reps("qkv_proj"); r-- > 0;) {
       if (small) gemv(p.qkv, qkv_width, p.h, L.qkv, T, qkv_width, hidden, false, stream);     // q, k, v
@@ -783,6 +799,8 @@ void CudaBackend::Impl::forward(const Batch& batch, RoutingSink* sink, std::vect
   const PassBuffers p = carve(arena, T, S, sh.meta_ints);
   CUDA_CHECK(cudaMemcpyAsync(p.meta, meta_host.data(), sh.meta_ints * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
 
+  const bool profiler_range = profiler_tokens == T && ++profiler_passes_seen == 3;
+  if (profiler_range) CUDA_CHECK(cudaProfilerStart());
   // The first decode pass of a batch size runs eagerly (it loads every kernel's module, which lazy
   // loading would otherwise do inside the capture); the second captures the graph.
   if (use_graph && graphs.count(T) == 0 && eager_seen.insert(T).second) {
@@ -811,6 +829,7 @@ void CudaBackend::Impl::forward(const Batch& batch, RoutingSink* sink, std::vect
     run_layers(p, sh);
   }
 
+  if (profiler_range) CUDA_CHECK(cudaProfilerStop());
   const size_t num_logits = static_cast<size_t>(S) * c.vocab_size;
   if (tokens != nullptr) {  // S keys instead of S x vocab logits
     greedy_keys(p.greedy, p.logits, S, c.vocab_size, stream);
@@ -912,6 +931,7 @@ CudaBackend::CudaBackend(std::shared_ptr<const ModelWeights> weights, CudaBacken
   // The grouped GEMMs of large passes on wgmma where the GPU runs the sm_90a code; MOESCOPE_CUDA_WGMMA=0
   // keeps them on mma.sync (a diagnostic). Probed here, before any graph is captured.
   set_wgmma_allowed(switch_from_env("MOESCOPE_CUDA_WGMMA"));
+  set_expert_tails_allowed(switch_from_env("MOESCOPE_CUDA_TAIL"));  // an expert's last rows with its full tile
   wgmma_available();
   CUDA_CHECK(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking));
   m.blas_handle = std::make_unique<Blas>();
