@@ -246,8 +246,9 @@ BENCHMARK(BM_AttentionDecode)
 // The large path's grouped expert GEMMs (experts_gate_up_grouped + experts_down_grouped, as run_layers
 // calls them) at Qwen1.5-MoE-A2.7B's shapes: hidden 2048, 60 experts, moe_intermediate 1408, top-4, with
 // random routes (top_k distinct experts per token, uniform). Args: tokens, two activation terms (1:
-// --matmul-precision high), wgmma (1: allowed where the GPU has it, for products of one term; 0: the
-// mma.sync kernels, as MOESCOPE_CUDA_WGMMA=0), shared (1: the shared expert, intermediate 5632, in the same
+// --matmul-precision high), wgmma (1: allowed where the GPU has it, for products of one term; 2: the same
+// with every expert's last rows in tiles of their own, as MOESCOPE_CUDA_TAIL=0; 0: the mma.sync kernels,
+// as MOESCOPE_CUDA_WGMMA=0), shared (1: the shared expert, intermediate 5632, in the same
 // launches as a dense group of every token, as the backend runs decode-sized passes; larger ones give it
 // to cuBLAS). Time per iteration: CUDA events around the two launches. Counters: GB/s = bytes of the
 // experts the step touches (gate/up and down of each expert with a pair, and the shared one) per second,
@@ -261,6 +262,7 @@ void BM_CudaExpertsGrouped(benchmark::State& state) {
   const int tokens = static_cast<int>(state.range(0)), pairs = tokens * top_k;
   const bool split = state.range(1) != 0;
   cuda::set_wgmma_allowed(state.range(2) != 0);
+  cuda::set_expert_tails_allowed(state.range(2) != 2);
   // The weights (1 GiB: well past the L2) are shared by every case; values do not change the timing
   // (0x3c3c: about 0.0115, no denormals).
   constexpr int shared_inter = 5632;
@@ -344,6 +346,7 @@ void BM_CudaExpertsGrouped(benchmark::State& state) {
   state.counters["rows/expert"] = static_cast<double>(pairs) / static_cast<double>(num_touched);
   state.counters["wgmma"] = !split && cuda::wgmma_allowed() && cuda::wgmma_available() ? 1.0 : 0.0;
   cuda::set_wgmma_allowed(true);
+  cuda::set_expert_tails_allowed(true);
 }
 BENCHMARK(BM_CudaExpertsGrouped)
     ->ArgNames({"tokens", "high", "wgmma", "shared"})
@@ -360,14 +363,18 @@ BENCHMARK(BM_CudaExpertsGrouped)
     ->Args({512, 0, 1, 0})
     ->Args({512, 0, 0, 0})
     ->Args({1024, 0, 1, 0})
+    ->Args({1024, 0, 2, 0})
     ->Args({1024, 0, 0, 0})
     ->Args({1024, 0, 1, 1})
     ->Args({2048, 0, 1, 0})
+    ->Args({2048, 0, 2, 0})
     ->Args({2048, 0, 0, 0})
     ->Args({2048, 0, 1, 1})
     ->Args({4096, 0, 1, 0})
+    ->Args({4096, 0, 2, 0})
     ->Args({4096, 0, 1, 1})
     ->Args({8192, 0, 1, 0})
+    ->Args({8192, 0, 2, 0})
     ->Args({8192, 0, 0, 0})
     ->Args({8192, 0, 1, 1})
     ->Args({64, 1, 1, 0})

@@ -528,6 +528,10 @@ TEST_F(CudaBackendTest, BadWgmmaSwitchIsAClearError) {
   expect_environment_error("MOESCOPE_CUDA_WGMMA", "off", "MOESCOPE_CUDA_WGMMA=off: expected 0 or 1");
 }
 
+TEST_F(CudaBackendTest, BadTailSwitchIsAClearError) {
+  expect_environment_error("MOESCOPE_CUDA_TAIL", "2", "MOESCOPE_CUDA_TAIL=2: expected 0 or 1");
+}
+
 TEST_F(CudaBackendTest, BadProfilerTokensAreAClearError) {
   expect_environment_error("MOESCOPE_CUDA_PROFILER_TOKENS", "2k",
                            "MOESCOPE_CUDA_PROFILER_TOKENS=2k: expected a number of tokens, 1 or more");

@@ -141,6 +141,19 @@ TEST_F(CudaKernels, RmsNormFoldsFeedForwardOutputLikeTheCpu) {
       ASSERT_EQ(hb[i], f32_to_bf16(h[i])) << "bf16 copy of element " << i;
       ASSERT_EQ(hb_lo[i], f32_to_bf16(h[i] - bf16_to_f32(hb[i]))) << "lo term of element " << i;
     }
+    {  // the bf16 terms alone (a large pass's input norm): the same residual and terms, no f32 output
+      auto d_x_only = to_device(x);
+      DeviceBuffer<uint16_t> d_hb2(h_ref.size()), d_hb2_lo(h_ref.size());
+      cuda::rms_norm(nullptr, {d_hb2.data(), d_hb2_lo.data()}, d_x_only.data(), nullptr, tokens, hidden, d_w.data(),
+                     1e-6f, {d_ffn.data(), slots, d_scale.data()}, nullptr);
+      EXPECT_EQ(to_host(d_x_only, x.size()), to_host(d_x, x.size())) << "residual after the fold, bf16 terms alone";
+      EXPECT_EQ(to_host(d_hb2, hb.size()), hb) << "hi terms without the f32 output";
+      EXPECT_EQ(to_host(d_hb2_lo, hb_lo.size()), hb_lo) << "lo terms without the f32 output";
+      EXPECT_THROW(cuda::rms_norm(nullptr, nullptr, d_x_only.data(), nullptr, tokens, hidden, d_w.data(), 1e-6f, {},
+                                  nullptr),
+                   std::exception)
+          << "no output at all";
+    }
 
     // A subset of rows (the final norm of each sequence's last token), no fold.
     const std::vector<int32_t> rows = {4, 1};
@@ -157,23 +170,27 @@ TEST_F(CudaKernels, RmsNormFoldsFeedForwardOutputLikeTheCpu) {
 
 TEST_F(CudaKernels, SwigluBf16MatchesCpuSwiglu) {
   std::mt19937 rng(4);
-  const int tokens = 7, inter = 96;
-  const std::vector<float> gate_up = random_f32(static_cast<size_t>(tokens) * 2 * inter, rng, 2.0f);
-  std::vector<float> ref(static_cast<size_t>(tokens) * inter);
-  for (int t = 0; t < tokens; ++t)
-    cpu::swiglu(&ref[static_cast<size_t>(t) * inter], &gate_up[static_cast<size_t>(t) * 2 * inter],
-                &gate_up[static_cast<size_t>(t) * 2 * inter + inter], inter);
-  auto d_in = to_device(gate_up);
-  DeviceBuffer<uint16_t> d_out(ref.size()), d_lo(ref.size());
-  cuda::swiglu_bf16(d_out.data(), d_in.data(), tokens, inter, nullptr);
-  const auto bits = to_host(d_out, ref.size());
-  std::vector<float> got(bits.size());
-  for (size_t i = 0; i < bits.size(); ++i) got[i] = bf16_to_f32(bits[i]);
-  expect_close("swiglu_bf16", got, ref, 4e-3);  // one bf16 rounding
-  cuda::swiglu_bf16({d_out.data(), d_lo.data()}, d_in.data(), tokens, inter, nullptr);
-  const auto hi = to_host(d_out, ref.size()), lo = to_host(d_lo, ref.size());
-  for (size_t i = 0; i < hi.size(); ++i) got[i] = bf16_to_f32(hi[i]) + bf16_to_f32(lo[i]);
-  expect_close("swiglu_bf16, hi + lo", got, ref, k_split_tol);
+  // inter 96: four columns a thread (swiglu_bf16_vec4_kernel); 90: one (inter % 4 != 0)
+  for (const int inter : {96, 90}) {
+    SCOPED_TRACE(fmt::format("inter {}", inter));
+    const int tokens = 7;
+    const std::vector<float> gate_up = random_f32(static_cast<size_t>(tokens) * 2 * inter, rng, 2.0f);
+    std::vector<float> ref(static_cast<size_t>(tokens) * inter);
+    for (int t = 0; t < tokens; ++t)
+      cpu::swiglu(&ref[static_cast<size_t>(t) * inter], &gate_up[static_cast<size_t>(t) * 2 * inter],
+                  &gate_up[static_cast<size_t>(t) * 2 * inter + inter], inter);
+    auto d_in = to_device(gate_up);
+    DeviceBuffer<uint16_t> d_out(ref.size()), d_lo(ref.size());
+    cuda::swiglu_bf16(d_out.data(), d_in.data(), tokens, inter, nullptr);
+    const auto bits = to_host(d_out, ref.size());
+    std::vector<float> got(bits.size());
+    for (size_t i = 0; i < bits.size(); ++i) got[i] = bf16_to_f32(bits[i]);
+    expect_close("swiglu_bf16", got, ref, 4e-3);  // one bf16 rounding
+    cuda::swiglu_bf16({d_out.data(), d_lo.data()}, d_in.data(), tokens, inter, nullptr);
+    const auto hi = to_host(d_out, ref.size()), lo = to_host(d_lo, ref.size());
+    for (size_t i = 0; i < hi.size(); ++i) got[i] = bf16_to_f32(hi[i]) + bf16_to_f32(lo[i]);
+    expect_close("swiglu_bf16, hi + lo", got, ref, k_split_tol);
+  }
 }
 
 // --- router and grouping -------------------------------------------------------------------------------
@@ -535,20 +552,33 @@ void check_moe(const MoeCase& cs, MoePath path, std::mt19937& rng) {
   std::vector<float> ref(x.size());
   cpu::moe(ref.data(), x.data(), cs.tokens, 0, mw.layer, mw.config, &sink);
   // The grouped GEMMs of one activation term run on wgmma where the GPU has the sm_90a code: then the same
-  // input also goes through the mma.sync kernels (MOESCOPE_CUDA_WGMMA=0), each checked against the CPU,
-  // and the two outputs' largest difference is printed.
+  // input also goes through wgmma with every expert's last rows in tiles of their own (MOESCOPE_CUDA_TAIL=0)
+  // and through the mma.sync kernels (MOESCOPE_CUDA_WGMMA=0), each checked against the CPU. The tails
+  // only move rows between CTAs (each output is the same sum of the same products), so those two wgmma
+  // runs must agree to the bit; the largest difference to mma.sync is printed.
   const bool wgmma = path == MoePath::Large && cuda::wgmma_available();
+  struct Setting {
+    bool wgmma, tails;
+    const char* label;
+  };
+  const std::vector<Setting> settings =
+      wgmma ? std::vector<Setting>{{true, true, " (wgmma)"}, {true, false, " (wgmma, no tails)"}, {false, true, " (mma.sync)"}}
+            : std::vector<Setting>{{false, true, ""}};
   std::vector<MoeRun> runs;
-  for (const bool allow_wgmma : wgmma ? std::vector<bool>{true, false} : std::vector<bool>{false}) {
-    cuda::set_wgmma_allowed(allow_wgmma);
+  for (const Setting& setting : settings) {
+    cuda::set_wgmma_allowed(setting.wgmma);
+    cuda::set_expert_tails_allowed(setting.tails);
     runs.push_back(run_moe_on_gpu(cs, mw, x, path));
     cuda::set_wgmma_allowed(true);
-    check_moe_run(cs, path, runs.back(), sink, ref, wgmma ? (allow_wgmma ? " (wgmma)" : " (mma.sync)") : "");
+    cuda::set_expert_tails_allowed(true);
+    check_moe_run(cs, path, runs.back(), sink, ref, setting.label);
   }
-  if (runs.size() == 2) {
+  if (runs.size() == 3) {
+    EXPECT_EQ(std::memcmp(runs[0].out.data(), runs[1].out.data(), runs[0].out.size() * sizeof(float)), 0)
+        << "T=" << cs.tokens << ": wgmma with and without tails differ";
     double most = 0.0;
     for (size_t i = 0; i < runs[0].out.size(); ++i)
-      most = std::max(most, static_cast<double>(std::fabs(runs[0].out[i] - runs[1].out[i])));
+      most = std::max(most, static_cast<double>(std::fabs(runs[0].out[i] - runs[2].out[i])));
     std::printf("    wgmma against mma.sync: max |diff| %.3g\n", most);
   }
 }
@@ -589,7 +619,8 @@ TEST_F(CudaKernels, MoeBlockSmallPathMatchesCpuMoe) {
 // 192: 128 down columns; on wgmma 128 gate/up and 256 down columns) and the k tiles (inter 48 against 64,
 // 96 against 32), and the real shapes of Qwen1.5-MoE-A2.7B (hidden 2048, 60 experts, inter 1408, top-4,
 // shared 5632) at 64 and 512 tokens (64-row tiles) and 2048 x 8 experts top-2 at 600 tokens (150 pairs
-// per expert: 128-row tiles, two per expert). A shared expert goes into the grouped launches with 64-row
+// per expert: 128-row tiles, two per expert), then 540 and 2048 tokens whose experts mostly end 1 to 32
+// rows past a full tile (the wgmma kernel's tails, WgmmaGemm::TAIL). A shared expert goes into the grouped launches with 64-row
 // tiles (cuda::grouped_takes_dense: 37, 130, 64 and 512 tokens, the last 2 of 130 in a tile of their own)
 // and through cuBLAS with 128-row tiles (500, 600 and 1000 tokens).
 const std::vector<MoeCase>& large_path_cases() {
@@ -606,6 +637,10 @@ const std::vector<MoeCase>& large_path_cases() {
       MoeCase{600, 2048, 8, 2, 1408, 5632, true},
       MoeCase{500, 192, 6, 2, 96, 64, false},
       MoeCase{1000, 256, 8, 2, 48, 64, true},
+      // 135 pairs per expert: on wgmma most experts' last rows (1 to 32 past a full tile) ride with that tile
+      // (n8 to n32 tail products), a few have 128 or fewer, or more than 32 past (a tile of their own)
+      MoeCase{540, 256, 8, 2, 96, 0, true},
+      MoeCase{2048, 2048, 60, 4, 1408, 0, false},  // the real shapes at a 2048-token prefill, ~137 per expert
   };
   return cases;
 }

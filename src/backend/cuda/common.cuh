@@ -29,6 +29,20 @@ __device__ __forceinline__ void store_bf16(const Bf16Pair& out, int64_t i, float
   if (out.lo != nullptr) out.lo[i] = float_to_bf16(v - bf16_to_float(hi));
 }
 
+// store_bf16 of four consecutive values from element i (i % 4 == 0): one 8-byte store per term.
+__device__ __forceinline__ void store_bf16x4(const Bf16Pair& out, int64_t i, float a, float b, float c, float d) {
+  const float v[4] = {a, b, c, d};
+  uint32_t hi[4], lo[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const bf16 h = float_to_bf16(v[j]);
+    hi[j] = h;
+    lo[j] = float_to_bf16(v[j] - bf16_to_float(h));
+  }
+  *reinterpret_cast<uint2*>(out.hi + i) = make_uint2(hi[0] | (hi[1] << 16), hi[2] | (hi[3] << 16));
+  if (out.lo != nullptr) *reinterpret_cast<uint2*>(out.lo + i) = make_uint2(lo[0] | (lo[1] << 16), lo[2] | (lo[3] << 16));
+}
+
 // Eight bf16 values (one 16-byte load) dotted with eight f32 values.
 __device__ __forceinline__ float dot8(uint4 w, float4 a, float4 b, float acc) {
   acc = fmaf(bf16_lo(w.x), a.x, acc);

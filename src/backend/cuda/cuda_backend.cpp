@@ -586,8 +586,8 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
       else f(k_cache.data() + l * layer_cache, v_cache.data() + l * layer_cache);
     };
     for (int r = reps("input_norm"); r-- > 0;)
-      rms_norm(p.h, small ? Bf16Pair{} : p.h_bf16, p.x, nullptr, T, hidden, L.input_layernorm, c.rms_norm_eps, pending,
-               stream);                                                                        // residual += ffn; pre-norm
+      rms_norm(small ? p.h : nullptr, small ? Bf16Pair{} : p.h_bf16, p.x, nullptr, T, hidden, L.input_layernorm,
+               c.rms_norm_eps, pending, stream);                                               // residual += ffn; pre-norm
     mark("input_norm");
     for (int r = reps("qkv_proj"); r-- > 0;) {
       if (small) gemv(p.qkv, qkv_width, p.h, L.qkv, T, qkv_width, hidden, false, stream);     // q, k, v
@@ -931,6 +931,7 @@ CudaBackend::CudaBackend(std::shared_ptr<const ModelWeights> weights, CudaBacken
   // The grouped GEMMs of large passes on wgmma where the GPU runs the sm_90a code; MOESCOPE_CUDA_WGMMA=0
   // keeps them on mma.sync (a diagnostic). Probed here, before any graph is captured.
   set_wgmma_allowed(switch_from_env("MOESCOPE_CUDA_WGMMA"));
+  set_expert_tails_allowed(switch_from_env("MOESCOPE_CUDA_TAIL"));  // an expert's last rows with its full tile
   wgmma_available();
   CUDA_CHECK(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking));
   m.blas_handle = std::make_unique<Blas>();

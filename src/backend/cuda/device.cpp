@@ -9,12 +9,15 @@ namespace moescope::cuda {
 namespace {
 bool g_programmatic_launch = false;
 bool g_wgmma_allowed = true;
+bool g_expert_tails_allowed = true;
 }  // namespace
 
 void set_programmatic_launch(bool on) { g_programmatic_launch = on; }
 bool programmatic_launch() { return g_programmatic_launch; }
 void set_wgmma_allowed(bool on) { g_wgmma_allowed = on; }
 bool wgmma_allowed() { return g_wgmma_allowed; }
+void set_expert_tails_allowed(bool on) { g_expert_tails_allowed = on; }
+bool expert_tails_allowed() { return g_expert_tails_allowed; }
 
 bool device_available(std::string* why) {
   int count = 0;

@@ -49,4 +49,10 @@ bool programmatic_launch();
 void set_wgmma_allowed(bool on);
 bool wgmma_allowed();
 
+// The wgmma kernel's prefill tiles take an expert's last few rows along (WgmmaGemm::TAIL, experts.cu)
+// unless turned off: MOESCOPE_CUDA_TAIL=0 gives those rows tiles of their own (a diagnostic, and the
+// tests' comparison; read at each launch, so a captured graph keeps the setting it was captured with).
+void set_expert_tails_allowed(bool on);
+bool expert_tails_allowed();
+
 }  // namespace moescope::cuda

@@ -213,10 +213,13 @@ struct GemmTile {
   int row0, rows, n0, inter;
   const bf16* b;
 };
+//
+// tail > 0: an expert's last rows, when tail or fewer remain past one of its full tiles, go with that tile
+// (rows up to bm + tail), and the tile align_by_expert made of them has no work.
 template <bool GATED>
 __device__ __forceinline__ bool find_gemm_tile(GemmTile& t, int block, int bm, int bn, const ExpertWeights& w,
                                                const ExpertGroups& groups, const DenseTiles& dense, int hidden,
-                                               int max_tiles) {
+                                               int max_tiles, int tail = 0) {
   t.dense = block < dense.blocks;
   if (t.dense) {
     const int row_tiles = (dense.tokens + bm - 1) / bm;
@@ -230,7 +233,9 @@ __device__ __forceinline__ bool find_gemm_tile(GemmTile& t, int block, int bm, i
     if (tile >= *groups.num_tiles) return false;
     const int e = groups.tile_expert[tile];
     t.row0 = groups.tile_row[tile];
-    t.rows = min(bm, groups.expert_offsets[e + 1] - t.row0);
+    const int rest = groups.expert_offsets[e + 1] - t.row0;
+    if (rest <= tail && t.row0 > groups.expert_offsets[e]) return false;  // the tile before took these rows
+    t.rows = rest <= bm + tail ? rest : bm;
     t.n0 = (b / max_tiles) * bn;
     t.inter = w.inter;
     t.b = GATED ? w.gate_up + static_cast<int64_t>(e) * 2 * t.inter * hidden
@@ -423,34 +428,44 @@ __global__ void __launch_bounds__(Cfg::THREADS)
 // 128-byte-swizzled layout the descriptors describe (wgmma.cuh), 64 k a stage, STAGES - 2 stages ahead of
 // the products: decode tiles (5 stages, one warpgroup) keep three stages of weights in flight, near the
 // bandwidth; prefill tiles (4 stages, two warpgroups) two, with one batch of products running behind.
-template <int WGS_, int STAGES_>
+//
+// TAIL (prefill): a tile may carry up to TAIL rows past its BM (find_gemm_tile), an expert's last few
+// rows, which would otherwise take a tile of their own: a second CTA streaming the same weights and
+// multiplying a full m64 block for a handful of rows (at 2048 tokens most experts have 128 + ~8 rows). The
+// tail's rows sit between the activations and the weights of each stage, and the products run with the
+// roles swapped: the weights' four m64 blocks as A, the tail's rows as an n8..n32 B (wgmma_m64nNk16),
+// warpgroup w taking blocks w and w + 2 (gate and up of the same columns when GATED).
+template <int WGS_, int STAGES_, int TAIL_ = 0>
 struct WgmmaGemm {
-  static constexpr int WGS = WGS_, STAGES = STAGES_;
+  static constexpr int WGS = WGS_, STAGES = STAGES_, TAIL = TAIL_;
   static constexpr int BM = 64 * WGS, THREADS = 128 * WGS, BK = 64;
   static constexpr int HALF = 128;                 // columns of one m64n128 product
   static constexpr int B_ROWS = 2 * HALF;          // weight rows a stage holds
   static constexpr int ROW_BYTES = BK * 2;         // 128: one swizzle atom's width
-  static constexpr int A_BYTES = BM * ROW_BYTES, STAGE_BYTES = A_BYTES + B_ROWS * ROW_BYTES;
+  static constexpr int A_BYTES = BM * ROW_BYTES, TAIL_BYTES = TAIL * ROW_BYTES, B_OFFSET = A_BYTES + TAIL_BYTES;
+  static constexpr int STAGE_BYTES = B_OFFSET + B_ROWS * ROW_BYTES;
   static constexpr int COPY_ROWS = THREADS / 8;    // rows one pass of the threads copies (8 chunks a row)
-  static constexpr int A_ITERS = BM / COPY_ROWS, B_ITERS = B_ROWS / COPY_ROWS;
+  static constexpr int A_ITERS = BM / COPY_ROWS, B_ITERS = B_ROWS / COPY_ROWS, TAIL_ITERS = TAIL / COPY_ROWS;
   static constexpr size_t SMEM_BYTES = static_cast<size_t>(STAGES) * STAGE_BYTES + 1024;  // + base alignment
   __host__ __device__ static constexpr int columns(bool gated) { return gated ? HALF : 2 * HALF; }
   static_assert(STAGE_BYTES % 1024 == 0, "every stage's operands start 1024-aligned");
   static_assert(A_ITERS * COPY_ROWS == BM && B_ITERS * COPY_ROWS == B_ROWS, "whole rows per copy pass");
+  static_assert(TAIL_ITERS * COPY_ROWS == TAIL && TAIL <= 32 && (TAIL == 0 || WGS == 2),
+                "a tail of whole copy passes, at most n32, the weights' four m64 blocks over two warpgroups");
   static_assert(SMEM_BYTES <= 227 * 1024, "fits sm_90's shared memory per block");
 };
 using WgmmaDecode = WgmmaGemm<1, 5>;
-using WgmmaPrefill = WgmmaGemm<2, 4>;
+using WgmmaPrefill = WgmmaGemm<2, 4, 32>;
 
 // As grouped_gemm_kernel (GATED: hb[s, n] = silu(a[s] . gate[n]) * (a[s] . up[n]); else ffn_out[t, j, n] =
 // topk_weights[pair] * (hb[s] . down[n]); the dense group as there). 1-D grid: dense.blocks dense tiles
 // first (row tile fastest), then max_tiles x ceil(N / columns) routed ones (tile fastest); tiles past
-// *num_tiles exit. Dynamic shared memory: Cfg::SMEM_BYTES.
+// *num_tiles exit. Dynamic shared memory: Cfg::SMEM_BYTES. tail: Cfg::TAIL, or 0 (MOESCOPE_CUDA_TAIL=0).
 template <bool GATED, class Cfg>
 __global__ void __launch_bounds__(Cfg::THREADS, 1)
     grouped_gemm_wgmma_kernel(bf16* hb, float* ffn_out, int num_slots, const bf16* a_src, const float* topk_weights,
                               ExpertWeights w, ExpertGroups groups, int hidden, int top_k, DenseTiles dense,
-                              int max_tiles) {
+                              int max_tiles, int tail) {
 #if MOESCOPE_WGMMA
   constexpr int BM = Cfg::BM, BK = Cfg::BK, STAGES = Cfg::STAGES, HALF = Cfg::HALF;
   constexpr int A_ITERS = Cfg::A_ITERS, B_ITERS = Cfg::B_ITERS, COPY_ROWS = Cfg::COPY_ROWS;
@@ -460,7 +475,8 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
   wait_for_previous_kernel();
 
   GemmTile tile;
-  if (!find_gemm_tile<GATED>(tile, static_cast<int>(blockIdx.x), BM, COLUMNS, w, groups, dense, hidden, max_tiles))
+  if (!find_gemm_tile<GATED>(tile, static_cast<int>(blockIdx.x), BM, COLUMNS, w, groups, dense, hidden, max_tiles,
+                             min(tail, Cfg::TAIL)))
     return;
   const bool is_dense = tile.dense;
   const int row0 = tile.row0, rows = tile.rows, n0 = tile.n0, inter = tile.inter;
@@ -468,6 +484,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
   const int n_total = GATED ? inter : hidden, k_total = GATED ? hidden : inter;
   // The activations: rows gathered by token (gate/up: routed rows are pairs), or the tile's rows in order.
   const bf16* const a_in = is_dense && !GATED ? dense.a.hi : a_src;
+  const int tail_rows = rows - min(rows, BM);  // block-uniform; at most Cfg::TAIL
 
   // Copies: thread tid moves chunk tid % 8 of rows tid / 8 + COPY_ROWS * i; every such row has the same
   // row % 8, so the chunk's swizzled place in its row is the thread's own.
@@ -481,6 +498,16 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
     a_copy[i] = r < rows;  // rows past the tile's are left as they are: only their own outputs see them
     const int64_t a_row = !a_copy[i] ? 0 : GATED && !is_dense ? groups.sorted_pairs[row0 + r] / top_k : row0 + r;
     a_ptr[i] = a_in + a_row * k_total + chunk * 8;
+  }
+  constexpr int TAIL_SLOTS = Cfg::TAIL_ITERS > 0 ? Cfg::TAIL_ITERS : 1;
+  const bf16* t_ptr[TAIL_SLOTS];
+  bool t_copy[TAIL_SLOTS];
+#pragma unroll
+  for (int i = 0; i < TAIL_SLOTS; ++i) {
+    const int r = BM + copy_row + i * COPY_ROWS;
+    t_copy[i] = i < Cfg::TAIL_ITERS && r < rows;
+    const int64_t a_row = !t_copy[i] ? 0 : GATED && !is_dense ? groups.sorted_pairs[row0 + r] / top_k : row0 + r;
+    t_ptr[i] = a_in + a_row * k_total + chunk * 8;
   }
   const bf16* b_ptr[B_ITERS];
   bool b_ok[B_ITERS];
@@ -499,8 +526,11 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
     for (int i = 0; i < A_ITERS; ++i)
       if (a_copy[i]) cp_async16_shared(st + i * COPY_ROWS * Cfg::ROW_BYTES, a_ptr[i] + kc, k_ok);
 #pragma unroll
+    for (int i = 0; i < Cfg::TAIL_ITERS; ++i)
+      if (t_copy[i]) cp_async16_shared(st + Cfg::A_BYTES + i * COPY_ROWS * Cfg::ROW_BYTES, t_ptr[i] + kc, k_ok);
+#pragma unroll
     for (int i = 0; i < B_ITERS; ++i)
-      cp_async16_shared(st + Cfg::A_BYTES + i * COPY_ROWS * Cfg::ROW_BYTES, b_ptr[i] + kc, b_ok[i] && k_ok);
+      cp_async16_shared(st + Cfg::B_OFFSET + i * COPY_ROWS * Cfg::ROW_BYTES, b_ptr[i] + kc, b_ok[i] && k_ok);
   };
 
   float acc[2][64];
@@ -508,6 +538,11 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
   for (int h = 0; h < 2; ++h)
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[h][i] = 0.0f;
+  float acc_t[2][16];  // the tail (Cfg::TAIL > 0): weight rows 64 (wg + 2j) + .. against the tail's rows
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int i = 0; i < 16; ++i) acc_t[j][i] = 0.0f;
   const int wg = tid >> 7;
   const bool wg_rows = rows > wg * 64;  // warpgroup-uniform
 
@@ -518,42 +553,75 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
   // may still run. Empty groups past the end keep the count uniform.
   static_assert(STAGES >= 3, "a stage being filled, one being multiplied, one whose products may still run");
   const int num_k = (k_total + BK - 1) / BK;
+  // The main loop for a tail of TN columns (0: none), chosen once per CTA: a branch around the tail's
+  // products inside it would make the compiler fence the accumulators again before them.
+  auto main_loop = [&]<int TN>() {
+    auto fence_accumulators = [&] {  // the registers the issued products write, for the compiler
+      wgmma_fence_operands(acc[0]);
+      wgmma_fence_operands(acc[1]);
+      if constexpr (TN > 0) {
+        wgmma_fence_operands(acc_t[0]);
+        wgmma_fence_operands(acc_t[1]);
+      }
+    };
 #pragma unroll
-  for (int s = 0; s < STAGES - 2; ++s) {
-    if (s < num_k) load_stage(s, s * BK);
-    cp_async_commit();
-  }
-  for (int kt = 0; kt < num_k; ++kt) {
-    cp_async_wait<STAGES - 3>();
-    fence_proxy_async();  // this thread's copies of tile kt, visible to the tensor cores
-    __syncthreads();
-    {
-      const int next = kt + STAGES - 2;
-      if (next < num_k) load_stage(next % STAGES, next * BK);
+    for (int s = 0; s < STAGES - 2; ++s) {
+      if (s < num_k) load_stage(s, s * BK);
       cp_async_commit();
     }
-    if (!wg_rows) continue;
-    const uint32_t a = smem + (kt % STAGES) * Cfg::STAGE_BYTES + wg * 64 * Cfg::ROW_BYTES;
-    const uint32_t b = smem + (kt % STAGES) * Cfg::STAGE_BYTES + Cfg::A_BYTES;
-    wgmma_fence();
-    wgmma_fence_operands(acc[0]);
-    wgmma_fence_operands(acc[1]);
+    for (int kt = 0; kt < num_k; ++kt) {
+      cp_async_wait<STAGES - 3>();
+      fence_proxy_async();  // this thread's copies of tile kt, visible to the tensor cores
+      __syncthreads();
+      {
+        const int next = kt + STAGES - 2;
+        if (next < num_k) load_stage(next % STAGES, next * BK);
+        cp_async_commit();
+      }
+      if (!wg_rows) continue;
+      const uint32_t a = smem + (kt % STAGES) * Cfg::STAGE_BYTES + wg * 64 * Cfg::ROW_BYTES;
+      const uint32_t b = smem + (kt % STAGES) * Cfg::STAGE_BYTES + Cfg::B_OFFSET;
+      wgmma_fence();
+      fence_accumulators();
 #pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk) {
-      const uint64_t a_desc = wgmma_desc(a + kk * 32);
-      wgmma_m64n128k16(acc[0], a_desc, wgmma_desc(b + kk * 32));
-      wgmma_m64n128k16(acc[1], a_desc, wgmma_desc(b + HALF * Cfg::ROW_BYTES + kk * 32));
+      for (int kk = 0; kk < BK / 16; ++kk) {
+        const uint64_t a_desc = wgmma_desc(a + kk * 32);
+        wgmma_m64n128k16(acc[0], a_desc, wgmma_desc(b + kk * 32));
+        wgmma_m64n128k16(acc[1], a_desc, wgmma_desc(b + HALF * Cfg::ROW_BYTES + kk * 32));
+        if constexpr (TN > 0) {  // the tail's products, roles swapped: d[weight row][tail row]
+          const uint64_t t_desc = wgmma_desc(smem + (kt % STAGES) * Cfg::STAGE_BYTES + Cfg::A_BYTES + kk * 32);
+          wgmma_m64nNk16<TN>(acc_t[0], wgmma_desc(b + wg * 64 * Cfg::ROW_BYTES + kk * 32), t_desc);
+          wgmma_m64nNk16<TN>(acc_t[1], wgmma_desc(b + (wg + 2) * 64 * Cfg::ROW_BYTES + kk * 32), t_desc);
+        }
+      }
+      wgmma_commit();
+      wgmma_wait<1>();
+      fence_accumulators();
     }
-    wgmma_commit();
-    wgmma_wait<1>();
-    wgmma_fence_operands(acc[0]);
-    wgmma_fence_operands(acc[1]);
+    wgmma_wait<0>();
+    fence_accumulators();
+  };
+  if constexpr (Cfg::TAIL > 0) {
+    if (tail_rows == 0) main_loop.template operator()<0>();
+    else if (tail_rows <= 8) main_loop.template operator()<8>();
+    else if (tail_rows <= 16) main_loop.template operator()<16>();
+    else if (tail_rows <= 24) main_loop.template operator()<24>();
+    else main_loop.template operator()<32>();
+  } else {
+    main_loop.template operator()<0>();
   }
-  wgmma_wait<0>();
-  wgmma_fence_operands(acc[0]);
-  wgmma_fence_operands(acc[1]);
   cp_async_wait<0>();  // only empty groups remain; nothing in flight at exit
   if (!wg_rows) return;
+
+  // Where sorted row s's outputs go: gate/up, its row of hb; down, its token's slot of ffn_out, with the
+  // routing weight it is scaled by.
+  auto gated_row = [&](int s) { return (is_dense ? dense.hb.hi : hb) + static_cast<int64_t>(s) * inter; };
+  auto down_row = [&](int s, float& weight) {
+    const int pair = is_dense ? 0 : groups.sorted_pairs[s];
+    const int t = is_dense ? s : pair / top_k, j = is_dense ? num_slots - 1 : pair % top_k;
+    weight = is_dense ? 1.0f : topk_weights[pair];
+    return ffn_out + (static_cast<int64_t>(t) * num_slots + j) * hidden;
+  };
 
   // Epilogue. acc[h][4i + c]: row 64 wg + 16 (warp % 4) + g + 8 (c / 2), column 8i + 2tq + c % 2 of half h.
   const int lane = tid & 31, g = lane >> 2, tq = lane & 3, warp_row = wg * 64 + ((tid >> 5) & 3) * 16 + g;
@@ -563,7 +631,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
     if (r >= rows) continue;
     const int s = row0 + r;
     if constexpr (GATED) {
-      bf16* const out = (is_dense ? dense.hb.hi : hb) + static_cast<int64_t>(s) * inter;
+      bf16* const out = gated_row(s);
 #pragma unroll
       for (int i = 0; i < 16; ++i)
 #pragma unroll
@@ -572,10 +640,8 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
           if (n < inter) out[n] = float_to_bf16(silu(acc[0][4 * i + 2 * half + c]) * acc[1][4 * i + 2 * half + c]);
         }
     } else {
-      const int pair = is_dense ? 0 : groups.sorted_pairs[s];
-      const int t = is_dense ? s : pair / top_k, j = is_dense ? num_slots - 1 : pair % top_k;
-      const float weight = is_dense ? 1.0f : topk_weights[pair];
-      float* const out = ffn_out + (static_cast<int64_t>(t) * num_slots + j) * hidden;
+      float weight;
+      float* const out = down_row(s, weight);
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
@@ -587,9 +653,35 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
           }
     }
   }
+  if constexpr (Cfg::TAIL > 0) {
+    if (tail_rows == 0) return;
+    // acc_t[j][4i + c]: weight row 64 (wg + 2j) + m, m = 16 (warp % 4) + g + 8 (c / 2), against tail row
+    // tt = 8i + 2tq + c % 2 (wgmma.cuh's layout with the roles swapped).
+    const int m_base = ((tid >> 5) & 3) * 16 + g;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int tt = 8 * i + 2 * tq + (c & 1), m = m_base + 8 * (c >> 1);
+        if (tt >= tail_rows) continue;
+        const int s = row0 + BM + tt;
+        if constexpr (GATED) {
+          const int n = n0 + 64 * wg + m;
+          if (n < inter) gated_row(s)[n] = float_to_bf16(silu(acc_t[0][4 * i + c]) * acc_t[1][4 * i + c]);
+        } else {
+          float weight;
+          float* const out = down_row(s, weight);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int n = n0 + 64 * (wg + 2 * h) + m;
+            if (n < hidden) out[n] = weight * acc_t[h][4 * i + c];
+          }
+        }
+      }
+  }
 #else
   (void)hb, (void)ffn_out, (void)num_slots, (void)a_src, (void)topk_weights, (void)w, (void)groups, (void)hidden,
-      (void)top_k, (void)dense, (void)max_tiles;
+      (void)top_k, (void)dense, (void)max_tiles, (void)tail;
 #endif
 }
 
@@ -609,7 +701,8 @@ void launch_grouped_gemm_wgmma(int max_tiles, cudaStream_t stream, bf16* hb, flo
   const int64_t blocks = grouped_gemm_blocks<GATED>(dense, Cfg::BM, Cfg::columns(GATED), max_tiles, w, hidden);
   if (blocks == 0) return;
   launch_kernel(grouped_gemm_wgmma_kernel<GATED, Cfg>, static_cast<unsigned>(blocks), Cfg::THREADS, Cfg::SMEM_BYTES,
-                stream, hb, ffn_out, num_slots, a_src, topk_weights, w, groups, hidden, top_k, dense, max_tiles);
+                stream, hb, ffn_out, num_slots, a_src, topk_weights, w, groups, hidden, top_k, dense, max_tiles,
+                expert_tails_allowed() ? Cfg::TAIL : 0);
   CUDA_CHECK_LAUNCH();
 }
 

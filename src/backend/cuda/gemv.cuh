@@ -9,7 +9,10 @@ namespace moescope::cuda {
 // w[r]: a row of k bf16 (16-byte aligned, k % 8 == 0); x[t]: k f32 (32-byte aligned); n <= MAXT tokens.
 // WAIT: the calling kernel has not yet waited for the previous one (wait_for_previous_kernel): the first
 // weight loads are issued, then the warp waits, so that they stream while the previous kernel finishes.
-template <int ROWS, int MAXT, bool WAIT = false>
+// CLAMPED: x[t] for t >= n points at a real token (the caller clamps), so every step dots all MAXT tokens
+// with no branch: each weight vector is unpacked once for all of them and their loads issue together
+// (the sums of t < n are the same as with the branch; those of t >= n are left for the caller to drop).
+template <int ROWS, int MAXT, bool WAIT = false, bool CLAMPED = false>
 __device__ __forceinline__ void warp_dot_rows(float (&acc)[MAXT][ROWS], const bf16* const (&w)[ROWS],
                                               const float* const (&x)[MAXT], int n, int k) {
   constexpr int U = 8 / ROWS;  // vectors per row per lane per step: 8 loads of 16 bytes in flight
@@ -34,7 +37,7 @@ __device__ __forceinline__ void warp_dot_rows(float (&acc)[MAXT][ROWS], const bf
       if (v < num_vec) {
 #pragma unroll
         for (int t = 0; t < MAXT; ++t) {
-          if (t < n) {
+          if (CLAMPED || t < n) {
             const float4* xv = reinterpret_cast<const float4*>(x[t] + v * 8);
             // Activations: L1-cached (every warp of an SM reads the same x), never the read-only path.
             const float4 a = __ldca(xv), b = __ldca(xv + 1);
@@ -49,7 +52,7 @@ __device__ __forceinline__ void warp_dot_rows(float (&acc)[MAXT][ROWS], const bf
   for (int t = 0; t < MAXT; ++t)
 #pragma unroll
     for (int r = 0; r < ROWS; ++r)
-      if (t < n) acc[t][r] = warp_sum(acc[t][r]);
+      if (CLAMPED || t < n) acc[t][r] = warp_sum(acc[t][r]);
 }
 
 // Weight rows a warp takes at once in the small path: with 4 or more tokens, 4 rows share each load of

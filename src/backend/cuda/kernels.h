@@ -46,8 +46,8 @@ struct FfnFold {
 
 // For each row r (rows[r], or r when rows is nullptr): x[row] += fold (written back), then
 // out[r] = x[row] / sqrt(mean(x[row]^2) + eps) * weight, as HF's RMSNorm in f32.
-// x: [num_tokens, hidden]; out: [num_rows, hidden] f32; out_bf16: [num_rows, hidden] (hi, and lo when
-// given) or nullptr; weight: [hidden].
+// x: [num_tokens, hidden]; out: [num_rows, hidden] f32 or nullptr (large passes' input norm: only the
+// bf16 terms are read); out_bf16: [num_rows, hidden] (hi, and lo when given) or nullptr; weight: [hidden].
 void rms_norm(float* out, Bf16Pair out_bf16, float* x, const int32_t* rows, int num_rows, int hidden, const float* weight,
               float eps, const FfnFold& fold, cudaStream_t stream);
 

@@ -25,8 +25,8 @@ __device__ __forceinline__ void add_scaled(float4& a, float s, float4 b) {
 
 // One block per row; each thread keeps its (at most 2) float4 of the row in registers, so every load of a
 // row is in flight at once (a decode's norm is one block: latency, not bandwidth, is what it costs).
-// x: [T, hidden] residual (fold added in place); out: [num_rows, hidden]; out_bf16: [num_rows, hidden]
-// (hi, and lo when given) or null; rows: [num_rows] or null; weight: [hidden]. hidden % 4 == 0.
+// x: [T, hidden] residual (fold added in place); out: [num_rows, hidden] or null; out_bf16: [num_rows,
+// hidden] (hi, and lo when given) or null; rows: [num_rows] or null; weight: [hidden]. hidden % 4 == 0.
 __global__ void __launch_bounds__(1024) rms_norm_kernel(float* out, Bf16Pair out_bf16, float* x, const int32_t* rows, int hidden,
                                 const float* weight, float eps, FfnFold fold) {
   __shared__ float scratch[32];
@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(1024) rms_norm_kernel(float* out, Bf16Pair out
   sum_sq = block_sum(sum_sq, scratch);
   // HF: hidden * torch.rsqrt(variance + eps), then weight * hidden.
   const float inv = 1.0f / sqrtf(sum_sq / static_cast<float>(hidden) + eps);
-  float4* o = reinterpret_cast<float4*>(out + static_cast<int64_t>(r) * hidden);
+  float4* o = out != nullptr ? reinterpret_cast<float4*>(out + static_cast<int64_t>(r) * hidden) : nullptr;
   const float4* w4 = reinterpret_cast<const float4*>(weight);
 #pragma unroll
   for (int j = 0; j < k_norm_vecs; ++j) {
@@ -79,18 +79,24 @@ __global__ void __launch_bounds__(1024) rms_norm_kernel(float* out, Bf16Pair out
     if (i >= nv) continue;
     const float4 wv = w4[i];
     const float4 y = make_float4(wv.x * (v[j].x * inv), wv.y * (v[j].y * inv), wv.z * (v[j].z * inv), wv.w * (v[j].w * inv));
-    o[i] = y;
-    if (out_bf16.hi != nullptr) {
-      const int64_t at = static_cast<int64_t>(r) * hidden + 4 * i;
-      store_bf16(out_bf16, at, y.x);
-      store_bf16(out_bf16, at + 1, y.y);
-      store_bf16(out_bf16, at + 2, y.z);
-      store_bf16(out_bf16, at + 3, y.w);
-    }
+    if (o != nullptr) o[i] = y;
+    if (out_bf16.hi != nullptr) store_bf16x4(out_bf16, static_cast<int64_t>(r) * hidden + 4 * i, y.x, y.y, y.z, y.w);
   }
 }
 
-// gate_up: [T, 2 * inter] f32; out: [T, inter] bf16 (hi, and lo when given).
+// gate_up: [T, 2 * inter] f32; out: [T, inter] bf16 (hi, and lo when given). Four columns a thread
+// (inter % 4 == 0): a 2-D grid, blockIdx.y the token, so no division per element; the values are
+// swiglu_bf16_kernel's.
+__global__ void swiglu_bf16_vec4_kernel(Bf16Pair out, const float* gate_up, int inter) {
+  wait_for_previous_kernel();
+  const int c = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
+  if (c >= inter) return;
+  const int64_t t = blockIdx.y;
+  const float4 g = *reinterpret_cast<const float4*>(gate_up + t * 2 * inter + c);
+  const float4 u = *reinterpret_cast<const float4*>(gate_up + t * 2 * inter + inter + c);
+  store_bf16x4(out, t * inter + c, silu(g.x) * u.x, silu(g.y) * u.y, silu(g.z) * u.z, silu(g.w) * u.w);
+}
+
 __global__ void swiglu_bf16_kernel(Bf16Pair out, const float* gate_up, int64_t total, int inter) {
   wait_for_previous_kernel();
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
@@ -114,6 +120,7 @@ void rms_norm(float* out, Bf16Pair out_bf16, float* x, const int32_t* rows, int 
   if (num_rows == 0) return;
   if (hidden > 4 * k_norm_vecs * 1024 || hidden % 4 != 0)
     argument_error("rms_norm", "hidden must be a multiple of 4, at most 8192");
+  if (out == nullptr && out_bf16.hi == nullptr) argument_error("rms_norm", "neither an f32 nor a bf16 output");
   // Two float4 per thread where the row allows it.
   const int threads = std::clamp((hidden / 4 / k_norm_vecs + 31) / 32 * 32, 32, 1024);
   launch_kernel(rms_norm_kernel, num_rows, threads, 0, stream, out, out_bf16, x, rows, hidden, weight, eps, fold);
@@ -123,6 +130,12 @@ void rms_norm(float* out, Bf16Pair out_bf16, float* x, const int32_t* rows, int 
 void swiglu_bf16(Bf16Pair out, const float* gate_up, int num_tokens, int inter, cudaStream_t stream) {
   const int64_t total = static_cast<int64_t>(num_tokens) * inter;
   if (total == 0) return;
+  if (inter % 4 == 0 && num_tokens <= 65535) {
+    const dim3 grid(static_cast<unsigned>((inter / 4 + 255) / 256), static_cast<unsigned>(num_tokens));
+    launch_kernel(swiglu_bf16_vec4_kernel, grid, 256, 0, stream, out, gate_up, inter);
+    CUDA_CHECK_LAUNCH();
+    return;
+  }
   const int blocks = static_cast<int>(std::min<int64_t>((total + 255) / 256, 65536));
   launch_kernel(swiglu_bf16_kernel, blocks, 256, 0, stream, out, gate_up, total, inter);
   CUDA_CHECK_LAUNCH();

@@ -86,9 +86,12 @@ __device__ void route_token(float* probs, int32_t* chosen_ids, float* chosen_wei
 // block per token read them T times from L2: 2 GB a layer at 8192 tokens); fewer keep enough blocks for
 // decode batches. Dynamic shared memory: [TT][num_experts + 1] logits. topk_ids, topk_weights: [T, top_k];
 // shared_gate: [T] or null; x: [T, hidden]; w: [E (+1), hidden].
+// The warp dots all TT tokens with no per-token branch (xs are clamped to real tokens), which unpacks each
+// weight once for all of them; at TT = 8 that takes ~170 registers, so one block an SM (the bound below lets
+// ptxas use them rather than spill).
 constexpr int k_router_warps = 8, k_router_rows = 4;
 template <int TT>
-__global__ void __launch_bounds__(k_router_warps * 32)
+__global__ void __launch_bounds__(k_router_warps * 32, 1)
     router_topk_kernel(int32_t* topk_ids, float* topk_weights, float* shared_gate, const float* x, const bf16* w,
                        int num_tokens, int hidden, int num_experts, int top_k, bool norm_topk_prob, ExpertCounts counts) {
   static_assert(TT <= k_router_warps, "warp t routes token t");
@@ -109,7 +112,7 @@ __global__ void __launch_bounds__(k_router_warps * 32)
 #pragma unroll
     for (int r = 0; r < k_router_rows; ++r) wr[r] = w + static_cast<int64_t>(min(r0 + r, rows - 1)) * hidden;
     float acc[TT][k_router_rows];
-    warp_dot_rows<k_router_rows, TT>(acc, wr, xs, n, hidden);
+    warp_dot_rows<k_router_rows, TT, false, true>(acc, wr, xs, n, hidden);  // xs clamped above
     if (lane == 0)
 #pragma unroll
       for (int t = 0; t < TT; ++t)

@@ -151,4 +151,38 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs_mn(float (&d)[64], const uin
 #endif
 }
 
+// d (64 x N per warpgroup, f32; N = 8, 16, 24 or 32: d[0 .. N/2 - 1]) += A (64 x 16, descriptor a) .
+// B (N x 16, descriptor b)^T, both operands K-major in shared memory as wgmma_m64n128k16's. The grouped
+// GEMM multiplies a tile's few extra rows with it, the weights as A (wgmma has no M below 64).
+#define MOESCOPE_WGMMA_NARROW(N, REGS, OUT, A, B, P)                                                      \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " P ", 0;\n"                                             \
+               "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.bf16.bf16 {" REGS "}, " A ", " B            \
+               ", p, 1, 1, 0, 0;\n}\n"                                                                     \
+               : OUT                                                                                       \
+               : "l"(a), "l"(b), "r"(1))
+#define MOESCOPE_WGMMA_D4_OUT(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+#define MOESCOPE_WGMMA_D8_OUT(d) MOESCOPE_WGMMA_D4_OUT(d), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+#define MOESCOPE_WGMMA_D12_OUT(d) MOESCOPE_WGMMA_D8_OUT(d), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11])
+#define MOESCOPE_WGMMA_D16_OUT(d) MOESCOPE_WGMMA_D12_OUT(d), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+template <int N>
+__device__ __forceinline__ void wgmma_m64nNk16(float (&d)[16], uint64_t a, uint64_t b) {
+  static_assert(N == 8 || N == 16 || N == 24 || N == 32, "n8, n16, n24 or n32");
+#if MOESCOPE_WGMMA
+  if constexpr (N == 8)
+    MOESCOPE_WGMMA_NARROW(8, "%0, %1, %2, %3", MOESCOPE_WGMMA_D4_OUT(d), "%4", "%5", "%6");
+  else if constexpr (N == 16)
+    MOESCOPE_WGMMA_NARROW(16, "%0, %1, %2, %3, %4, %5, %6, %7", MOESCOPE_WGMMA_D8_OUT(d), "%8", "%9", "%10");
+  else if constexpr (N == 24)
+    MOESCOPE_WGMMA_NARROW(24, "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11", MOESCOPE_WGMMA_D12_OUT(d), "%12",
+                          "%13", "%14");
+  else
+    MOESCOPE_WGMMA_NARROW(32, "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15",
+                          MOESCOPE_WGMMA_D16_OUT(d), "%16", "%17", "%18");
+#else
+  (void)d;
+  (void)a;
+  (void)b;
+#endif
+}
+
 }  // namespace moescope::cuda
