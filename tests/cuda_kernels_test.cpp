@@ -35,6 +35,104 @@ constexpr double k_split_tol = 1e-4;
 
 class CudaKernels : public test::GpuTest {};
 
+// --- qkv_proj_small: the small path's projection with qkv_rope_cache's work in one launch --------------
+
+// The fused launch gives the two kernels' values bit for bit: the projection, q after RoPE and the rows it
+// writes into both caches (bf16 and f32), over two launches in a row (the per-head tickets reset), with a
+// bias, the per-head norm and the clip; it declines the whole-projection norm and head sizes its blocks'
+// rows do not divide.
+TEST_F(CudaKernels, QkvProjSmallEqualsGemvThenQkvRopeCache) {
+  std::mt19937 rng(11);
+  struct Case { int tokens, heads, kv_heads, head_dim; bool bias; cuda::QkNormKind norm; float clip; };
+  for (const Case& cs : {Case{1, 16, 16, 128, false, cuda::QkNormKind::None, 0.0f},
+                         Case{3, 8, 2, 64, true, cuda::QkNormKind::PerHead, 0.0f},
+                         Case{8, 4, 4, 32, true, cuda::QkNormKind::None, 0.5f},
+                         Case{5, 6, 3, 128, false, cuda::QkNormKind::PerHead, 0.0f}}) {
+    const int hidden = 256, hd = cs.head_dim, q_size = cs.heads * hd, kv_size = cs.kv_heads * hd;
+    const int width = q_size + 2 * kv_size, cache_rows = 64;
+    const Bf16Tensor w = random_bf16({width, hidden}, rng, 1.0f / std::sqrt(static_cast<float>(hidden)));
+    const std::vector<float> bias = random_f32(static_cast<size_t>(width), rng);
+    const std::vector<float> q_norm = random_f32(static_cast<size_t>(hd), rng), k_norm = random_f32(static_cast<size_t>(hd), rng);
+    std::vector<float> inv_freq;
+    for (int i = 0; i < hd / 2; ++i) inv_freq.push_back(1.0f / std::pow(10000.0f, static_cast<float>(2 * i) / static_cast<float>(hd)));
+    auto d_w = to_device(w.bits);
+    auto d_bias = to_device(bias);
+    auto d_qn = to_device(q_norm), d_kn = to_device(k_norm), d_inv = to_device(inv_freq);
+    cuda::QkvParams qp;
+    qp.num_heads = cs.heads;
+    qp.num_kv_heads = cs.kv_heads;
+    qp.head_dim = hd;
+    qp.bias = cs.bias ? d_bias.data() : nullptr;
+    qp.qk_norm = cs.norm;
+    qp.q_norm = d_qn.data();
+    qp.k_norm = d_kn.data();
+    qp.clip = cs.clip;
+    qp.rope_inv_freq = d_inv.data();
+    DeviceBuffer<unsigned> tickets(static_cast<size_t>(cs.heads + 2 * cs.kv_heads));
+    CUDA_CHECK(cudaMemset(tickets.data(), 0, tickets.bytes()));
+    const size_t cache_elems = static_cast<size_t>(cache_rows) * kv_size;
+    auto cache_bf16 = [&] {  // both caches start equal, with rows the pass does not write
+      DeviceBuffer<uint16_t> c(cache_elems);
+      CUDA_CHECK(cudaMemset(c.data(), 0x3f, c.bytes()));
+      return c;
+    };
+    auto cache_f32 = [&] {
+      DeviceBuffer<float> c(cache_elems);
+      CUDA_CHECK(cudaMemset(c.data(), 0x3f, c.bytes()));
+      return c;
+    };
+    auto k_sep = cache_bf16(), v_sep = cache_bf16(), k_fused = cache_bf16(), v_fused = cache_bf16();
+    auto k_sep32 = cache_f32(), v_sep32 = cache_f32(), k_fused32 = cache_f32(), v_fused32 = cache_f32();
+    for (int launch = 0; launch < 2; ++launch) {
+      const std::vector<float> x = random_f32(static_cast<size_t>(cs.tokens) * hidden, rng);
+      std::vector<int32_t> pos, slots;
+      for (int t = 0; t < cs.tokens; ++t) {
+        pos.push_back(static_cast<int32_t>(rng() % 3000));
+        slots.push_back(static_cast<int32_t>((launch * 17 + t * 5) % cache_rows));  // distinct within a launch
+      }
+      auto d_x = to_device(x);
+      auto d_pos = to_device(pos), d_slots = to_device(slots);
+      const size_t qkv_elems = static_cast<size_t>(cs.tokens) * width, q_elems = static_cast<size_t>(cs.tokens) * q_size;
+      auto qkv_sep = test::poisoned(qkv_elems), q_sep = test::poisoned(q_elems);
+      auto qkv_fused = test::poisoned(qkv_elems), q_fused = test::poisoned(q_elems);
+      auto q_sep32 = test::poisoned(q_elems), q_fused32 = test::poisoned(q_elems);
+      cuda::gemv(qkv_sep.data(), width, d_x.data(), d_w.data(), cs.tokens, width, hidden, false, nullptr);
+      cuda::qkv_rope_cache(q_sep.data(), k_sep.data(), v_sep.data(), qkv_sep.data(), d_pos.data(), d_slots.data(),
+                           cs.tokens, qp, nullptr);
+      cuda::qkv_rope_cache(q_sep32.data(), k_sep32.data(), v_sep32.data(), qkv_sep.data(), d_pos.data(), d_slots.data(),
+                           cs.tokens, qp, nullptr);
+      ASSERT_TRUE(cuda::qkv_proj_small(qkv_fused.data(), q_fused.data(), k_fused.data(), v_fused.data(), d_x.data(),
+                                       d_w.data(), d_pos.data(), d_slots.data(), cs.tokens, hidden, qp, tickets.data(),
+                                       nullptr));
+      ASSERT_TRUE(cuda::qkv_proj_small(qkv_fused.data(), q_fused32.data(), k_fused32.data(), v_fused32.data(),
+                                       d_x.data(), d_w.data(), d_pos.data(), d_slots.data(), cs.tokens, hidden, qp,
+                                       tickets.data(), nullptr));
+      const std::string what = fmt::format("T={} heads {}/{} x {} launch {}", cs.tokens, cs.heads, cs.kv_heads, hd, launch);
+      EXPECT_EQ(to_host(qkv_fused, qkv_elems), to_host(qkv_sep, qkv_elems)) << what << ": the projection";
+      EXPECT_EQ(to_host(q_fused, q_elems), to_host(q_sep, q_elems)) << what << ": q";
+      EXPECT_EQ(to_host(q_fused32, q_elems), to_host(q_sep32, q_elems)) << what << ": q (f32 cache)";
+      EXPECT_EQ(to_host(k_fused, cache_elems), to_host(k_sep, cache_elems)) << what << ": k cache";
+      EXPECT_EQ(to_host(v_fused, cache_elems), to_host(v_sep, cache_elems)) << what << ": v cache";
+      EXPECT_EQ(to_host(k_fused32, cache_elems), to_host(k_sep32, cache_elems)) << what << ": k cache (f32)";
+      EXPECT_EQ(to_host(v_fused32, cache_elems), to_host(v_sep32, cache_elems)) << what << ": v cache (f32)";
+      std::printf("  qkv_proj_small %s: equal to gemv + qkv_rope_cache bit for bit\n", what.c_str());
+    }
+    EXPECT_EQ(to_host(tickets, tickets.size()), std::vector<unsigned>(tickets.size(), 0u)) << "tickets reset";
+  }
+  // Declined, nothing launched: the norm over the whole projection (OLMoE), and 6-wide heads at one token
+  // (blocks of 4 rows).
+  cuda::QkvParams full;
+  full.num_heads = full.num_kv_heads = 2;
+  full.head_dim = 64;
+  full.qk_norm = cuda::QkNormKind::Full;
+  cuda::QkvParams narrow;
+  narrow.num_heads = narrow.num_kv_heads = 2;
+  narrow.head_dim = 6;
+  for (const cuda::QkvParams& qp : {full, narrow})
+    EXPECT_FALSE(cuda::qkv_proj_small(nullptr, nullptr, static_cast<uint16_t*>(nullptr), nullptr, nullptr, nullptr,
+                                      nullptr, nullptr, 1, 64, qp, nullptr, nullptr));
+}
+
 // --- gemv: the small-batch product ----------------------------------------------------------------------
 
 TEST_F(CudaKernels, GemvMatchesCpuMatmul) {
