@@ -358,18 +358,14 @@ TEST_F(CudaBackendTest, MixedBatchOfPrefillsAndDecodesEqualsEachSequenceAlone) {
 // batch on the small path (2 sequences) and one on the large path (12: cuBLAS inside the graph). So do
 // graphs whose kernels are launched plainly, without programmatic dependent launch (on an sm_90 GPU the
 // other two use it): a kernel that read or wrote an activation before waiting for the previous one would
-// show here as a difference. The plain backend also keeps the small path's q/k/v projection and its
-// post-processing as two launches (MOESCOPE_CUDA_QKV_FUSED=0), which the fused launch must equal.
+// show here as a difference.
 TEST_F(CudaBackendTest, DecodeGraphsGiveTheEagerResultsBitForBit) {
   Json reference;
   const auto weights = load_fixture("qwen2_moe_gqa_shared", &reference);
   ASSERT_TRUE(weights);
   cuda::CudaBackendOptions graph_options = small_options(8), eager_options = small_options(8);
   eager_options.cuda_graphs = false;
-  ::setenv("MOESCOPE_CUDA_QKV_FUSED", "0", 1);
-  cuda::CudaBackend plain(weights, graph_options);
-  ::unsetenv("MOESCOPE_CUDA_QKV_FUSED");
-  cuda::CudaBackend graphs(weights, graph_options), eager(weights, eager_options),
+  cuda::CudaBackend graphs(weights, graph_options), eager(weights, eager_options), plain(weights, graph_options),
       greedy(weights, graph_options);  // forward_greedy: the argmax on the device, from graphs too
   const bool programmatic = cuda::programmatic_launch();  // as the backends set it for this GPU
   std::printf("  programmatic dependent launch: %s\n", programmatic ? "on" : "off (GPU before sm_90 or MOESCOPE_CUDA_PDL=0)");
@@ -433,8 +429,7 @@ TEST_F(CudaBackendTest, DecodeGraphsGiveTheEagerResultsBitForBit) {
       plain_forward(dp, &sink_p, logits_p);
       greedy.forward_greedy(dd, &sink_d, tokens_d);
       ASSERT_EQ(logits_g, logits_e) << "batch " << batch_size << " decode step " << step;
-      ASSERT_EQ(logits_p, logits_e) << "batch " << batch_size << " decode step " << step
-                                   << ", graphs launched plainly, q/k/v unfused";
+      ASSERT_EQ(logits_p, logits_e) << "batch " << batch_size << " decode step " << step << ", graphs launched plainly";
       ASSERT_EQ(tokens_d, argmax_rows(logits_e)) << "batch " << batch_size << " decode step " << step << ", greedy on the device";
       for (const auto& [layer, routes] : sink_e.routes) {
         EXPECT_EQ(sink_g.routes[layer].ids, routes.ids) << "layer " << layer;
@@ -443,9 +438,8 @@ TEST_F(CudaBackendTest, DecodeGraphsGiveTheEagerResultsBitForBit) {
         EXPECT_EQ(sink_d.routes[layer].ids, routes.ids) << "layer " << layer << ", greedy on the device";
       }
     }
-    std::printf("  batch %d: 6 decode steps from graphs (with and without programmatic launch and the fused q/k/v "
-                "launch) equal the eager launches bit for bit; the device's greedy ids are the argmax of the eager "
-                "logits\n", batch_size);
+    std::printf("  batch %d: 6 decode steps from graphs (with and without programmatic launch) equal the eager "
+                "launches bit for bit; the device's greedy ids are the argmax of the eager logits\n", batch_size);
     for (int b = 0; b < batch_size; ++b) {
       graphs.free_cache(cache_g[b]);
       eager.free_cache(cache_e[b]);
@@ -536,10 +530,6 @@ TEST_F(CudaBackendTest, BadWgmmaSwitchIsAClearError) {
 
 TEST_F(CudaBackendTest, BadTailSwitchIsAClearError) {
   expect_environment_error("MOESCOPE_CUDA_TAIL", "2", "MOESCOPE_CUDA_TAIL=2: expected 0 or 1");
-}
-
-TEST_F(CudaBackendTest, BadQkvFusionSwitchIsAClearError) {
-  expect_environment_error("MOESCOPE_CUDA_QKV_FUSED", "yes", "MOESCOPE_CUDA_QKV_FUSED=yes: expected 0 or 1");
 }
 
 TEST_F(CudaBackendTest, BadProfilerTokensAreAClearError) {

@@ -240,8 +240,6 @@ struct CudaBackend::Impl {
 
   DeviceBuffer<char> workspace;
   DeviceBuffer<unsigned> router_ticket;  // router_small's last-block ticket (zeroed once, reset by the kernel)
-  DeviceBuffer<unsigned> qkv_tickets;    // qkv_proj_small's, one a head (zeroed once, reset by the kernel)
-  bool fuse_qkv = true;                  // small passes: qkv_proj_small (MOESCOPE_CUDA_QKV_FUSED=0: gemv, then qkv_rope_cache)
   DeviceBuffer<float> decode_split_partials;  // decode rows split over their positions (AttentionBatch)
   DeviceBuffer<unsigned> decode_split_tickets;
   PinnedBuffer<int32_t> meta_host;
@@ -591,24 +589,17 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
       rms_norm(small ? p.h : nullptr, small ? Bf16Pair{} : p.h_bf16, p.x, nullptr, T, hidden, L.input_layernorm,
                c.rms_norm_eps, pending, stream);                                               // residual += ffn; pre-norm
     mark("input_norm");
-    const QkvParams qp{c.num_attention_heads, c.num_key_value_heads, c.head_dim, L.qkv_bias, qk_norm, L.q_norm,
-                       L.k_norm, c.rms_norm_eps, c.clip_qkv, rope_inv_freq};
-    bool qkv_done = false;  // a small pass's projection launch did qkv_rope_cache's work too
     for (int r = reps("qkv_proj"); r-- > 0;) {
-      if (small && fuse_qkv)
-        with_cache([&](auto* k_cache_l, auto* v_cache_l) {                                     // q, k, v (+ RoPE, cache)
-          qkv_done = qkv_proj_small(p.qkv, p.q, k_cache_l, v_cache_l, p.h, L.qkv, d_token_pos, d_slots, T, hidden, qp,
-                                    qkv_tickets.data(), stream);
-        });
-      if (small && !qkv_done) gemv(p.qkv, qkv_width, p.h, L.qkv, T, qkv_width, hidden, false, stream);
-      else if (!small) blas.gemm(p.qkv, qkv_width, p.h_bf16, L.qkv, T, qkv_width, hidden, 0.0f);
+      if (small) gemv(p.qkv, qkv_width, p.h, L.qkv, T, qkv_width, hidden, false, stream);     // q, k, v
+      else blas.gemm(p.qkv, qkv_width, p.h_bf16, L.qkv, T, qkv_width, hidden, 0.0f);
     }
     mark("qkv_proj");
-    if (!qkv_done)
-      for (int r = reps("qkv_rope_cache"); r-- > 0;)
-        with_cache([&](auto* k_cache_l, auto* v_cache_l) {
-          qkv_rope_cache(p.q, k_cache_l, v_cache_l, p.qkv, d_token_pos, d_slots, T, qp, stream);  // bias, norm, RoPE, cache
-        });
+    const QkvParams qp{c.num_attention_heads, c.num_key_value_heads, c.head_dim, L.qkv_bias, qk_norm, L.q_norm,
+                       L.k_norm, c.rms_norm_eps, c.clip_qkv, rope_inv_freq};
+    for (int r = reps("qkv_rope_cache"); r-- > 0;)
+      with_cache([&](auto* k_cache_l, auto* v_cache_l) {
+        qkv_rope_cache(p.q, k_cache_l, v_cache_l, p.qkv, d_token_pos, d_slots, T, qp, stream);  // bias, norm, RoPE, cache
+      });
     mark("qkv_rope_cache");
     for (int r = reps("attention"); r-- > 0;)
       with_cache([&](auto* k_cache_l, auto* v_cache_l) {
@@ -946,9 +937,6 @@ CudaBackend::CudaBackend(std::shared_ptr<const ModelWeights> weights, CudaBacken
   m.blas_handle = std::make_unique<Blas>();
   m.router_ticket = DeviceBuffer<unsigned>(1);
   CUDA_CHECK(cudaMemset(m.router_ticket.data(), 0, sizeof(unsigned)));
-  m.fuse_qkv = switch_from_env("MOESCOPE_CUDA_QKV_FUSED");  // a diagnostic: the same results either way
-  m.qkv_tickets = DeviceBuffer<unsigned>(static_cast<size_t>(m.c.num_attention_heads + 2 * m.c.num_key_value_heads));
-  CUDA_CHECK(cudaMemset(m.qkv_tickets.data(), 0, m.qkv_tickets.bytes()));
   m.decode_split_partials = DeviceBuffer<float>(static_cast<size_t>(decode_split_floats(m.c.head_dim)));
   m.decode_split_tickets = DeviceBuffer<unsigned>(static_cast<size_t>(decode_split_blocks()));
   CUDA_CHECK(cudaMemset(m.decode_split_tickets.data(), 0, m.decode_split_tickets.bytes()));

@@ -91,19 +91,6 @@ void qkv_rope_cache(float* q, bf16* k_cache, bf16* v_cache, const float* qkv, co
 void qkv_rope_cache(float* q, float* k_cache, float* v_cache, const float* qkv, const int32_t* token_pos,
                     const int32_t* slots, int num_tokens, const QkvParams& p, cudaStream_t stream);
 
-// The small path's q/k/v projection (gemv of x [num_tokens, hidden] with the fused [q + 2 kv, hidden]
-// matrix w into qkv) and qkv_rope_cache's work in one launch: the last block of each head's rows (a ticket
-// per head in `tickets`, num_heads + 2 * num_kv_heads of them, zeroed once; the kernel resets them)
-// processes that head. The same sums and values as gemv then qkv_rope_cache. Returns false, launching
-// nothing, where it does not apply (the norm over the whole projection, or a head_dim that the blocks'
-// rows do not divide): the caller runs those two instead.
-bool qkv_proj_small(float* qkv, float* q, bf16* k_cache, bf16* v_cache, const float* x, const bf16* w,
-                    const int32_t* token_pos, const int32_t* slots, int num_tokens, int hidden, const QkvParams& p,
-                    unsigned* tickets, cudaStream_t stream);
-bool qkv_proj_small(float* qkv, float* q, float* k_cache, float* v_cache, const float* x, const bf16* w,
-                    const int32_t* token_pos, const int32_t* slots, int num_tokens, int hidden, const QkvParams& p,
-                    unsigned* tickets, cudaStream_t stream);
-
 // --- Attention over the paged KV cache (attention.cu) ----------------------------------------------
 
 // Rows of one sequence computed together by the prefill kernel: {sequence, first token row, rows,

@@ -4,7 +4,6 @@
 // the norm, if any, is per head, so that a decode spreads over many SMs; one block per token for the
 // whole-projection norm (OLMoE), which needs every head of the token, and for passes of many tokens.
 #include "backend/cuda/common.cuh"
-#include "backend/cuda/gemv.cuh"
 
 namespace moescope::cuda {
 namespace {
@@ -90,51 +89,7 @@ __global__ void __launch_bounds__(k_threads)
 
 constexpr int k_head_threads = 64;
 
-// Token t's head h (q heads, then k heads, then v heads, as in the fused row) as qkv_head_kernel does it,
-// by threads 0 .. k_head_threads - 1 of a block (any others take part in the barriers and sums only, so
-// that the sums run in the same order whatever the block's size). v: [head_dim] and scratch: [32] floats
-// of shared memory. qkv is read through L2: in qkv_proj_small it was written by other blocks of the
-// same launch.
-template <typename CacheT>
-__device__ void process_head(float* v, float* scratch, int t, int h, float* q, CacheT* k_cache, CacheT* v_cache,
-                             const float* qkv, const int32_t* token_pos, const int32_t* slots, const QkvParams& p) {
-  const int hd = p.head_dim, nh = p.num_heads, nkv = p.num_kv_heads;
-  const int q_size = nh * hd, kv_size = nkv * hd, width = q_size + 2 * kv_size;
-  const int kind = h < nh ? 0 : h < nh + nkv ? 1 : 2;  // q, k or v
-  const int at = h * hd;                                 // the head's columns in the fused row
-  const int tid = threadIdx.x, first = tid < k_head_threads ? tid : hd;  // first < hd: one of the working threads
-  for (int i = first; i < hd; i += k_head_threads)
-    v[i] = __ldcg(qkv + static_cast<int64_t>(t) * width + at + i) + (p.bias != nullptr ? p.bias[at + i] : 0.0f);
-  __syncthreads();
-  if (kind < 2 && p.qk_norm == QkNormKind::PerHead) {  // Qwen3-MoE: RMSNorm of each q and k head
-    const float* weight = kind == 0 ? p.q_norm : p.k_norm;
-    float sum_sq = 0.0f;
-    for (int i = first; i < hd; i += k_head_threads) sum_sq += v[i] * v[i];
-    sum_sq = block_sum(sum_sq, scratch);
-    const float inv = 1.0f / sqrtf(sum_sq / static_cast<float>(hd) + p.eps);
-    for (int i = first; i < hd; i += k_head_threads) v[i] = weight[i] * (v[i] * inv);
-    __syncthreads();
-  }
-  if (p.clip > 0.0f) {
-    for (int i = first; i < hd; i += k_head_threads) v[i] = fminf(fmaxf(v[i], -p.clip), p.clip);
-    __syncthreads();
-  }
-  if (kind < 2) {  // RoPE on q and k
-    const int half = hd / 2;
-    const float pos = static_cast<float>(token_pos[t]);
-    for (int i = first; i < half; i += k_head_threads) rope_pair(v, i, half, pos, p.rope_inv_freq);
-    __syncthreads();
-  }
-  if (kind == 0) {
-    for (int i = first; i < hd; i += k_head_threads) q[static_cast<int64_t>(t) * q_size + at + i] = v[i];
-  } else {
-    CacheT* cache = kind == 1 ? k_cache : v_cache;
-    const int64_t base = static_cast<int64_t>(slots[t]) * kv_size + (h - nh - (kind == 2 ? nkv : 0)) * hd;
-    for (int i = first; i < hd; i += k_head_threads) store_cache(cache + base + i, v[i]);
-  }
-}
-
-// grid (T, num_heads + 2 * num_kv_heads): a block per token and head.
+// grid (T, num_heads + 2 * num_kv_heads): q heads, then k heads, then v heads, as in the fused row.
 template <typename CacheT>
 __global__ void __launch_bounds__(k_head_threads)
     qkv_head_kernel(float* q, CacheT* k_cache, CacheT* v_cache, const float* qkv, const int32_t* token_pos,
@@ -142,54 +97,39 @@ __global__ void __launch_bounds__(k_head_threads)
   __shared__ float v[256];  // one head (head_dim <= 256)
   __shared__ float scratch[32];
   wait_for_previous_kernel();
-  process_head(v, scratch, static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y), q, k_cache, v_cache, qkv,
-               token_pos, slots, p);
-}
-
-// The small path's q/k/v projection and the kernel above in one launch. Blocks of k_proj_warps warps, each
-// warp ROWS rows of the fused [q + 2 kv, hidden] matrix for every token (warp_dot_rows, as gemv_kernel:
-// the same sums), written to qkv; a head's rows fall in whole blocks (head_dim % (k_proj_warps x ROWS) ==
-// 0), and the last of a head's blocks to finish (a ticket per head in `tickets`, reset by that block for
-// the next launch) processes the head for every token. This saves a launch and its wait between the
-// projection and the post-processing of a decode step's layer.
-constexpr int k_proj_warps = 4;
-template <int ROWS, int MAXT, typename CacheT>
-__global__ void __launch_bounds__(k_proj_warps * 32)
-    qkv_proj_small_kernel(float* qkv, float* q, CacheT* k_cache, CacheT* v_cache, const float* x, const bf16* w,
-                          const int32_t* token_pos, const int32_t* slots, int num_tokens, int k, QkvParams p,
-                          unsigned* tickets) {
-  __shared__ float v[256];
-  __shared__ float scratch[32];
-  __shared__ bool last;
-  constexpr int BLOCK_ROWS = k_proj_warps * ROWS;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int n = (p.num_heads + 2 * p.num_kv_heads) * p.head_dim;
-  const int row0 = (static_cast<int>(blockIdx.x) * k_proj_warps + warp) * ROWS;  // < n: the blocks cover n exactly
-  const bf16* rows[ROWS];
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r) rows[r] = w + static_cast<int64_t>(row0 + r) * k;
-  const float* xs[MAXT];
-#pragma unroll
-  for (int t = 0; t < MAXT; ++t) xs[t] = x + static_cast<int64_t>(min(t, num_tokens - 1)) * k;
-  float acc[MAXT][ROWS];
-  warp_dot_rows<ROWS, MAXT, true>(acc, rows, xs, num_tokens, k);  // waits for the previous kernel inside
-  if (lane == 0)
-#pragma unroll
-    for (int t = 0; t < MAXT; ++t)
-#pragma unroll
-      for (int r = 0; r < ROWS; ++r)
-        if (t < num_tokens) qkv[static_cast<int64_t>(t) * n + row0 + r] = acc[t][r];
-  const int h = static_cast<int>(blockIdx.x) * BLOCK_ROWS / p.head_dim;
-  __threadfence();  // this block's rows, visible before its ticket
+  const int t = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
+  const int hd = p.head_dim, nh = p.num_heads, nkv = p.num_kv_heads;
+  const int q_size = nh * hd, kv_size = nkv * hd, width = q_size + 2 * kv_size;
+  const int kind = h < nh ? 0 : h < nh + nkv ? 1 : 2;  // q, k or v
+  const int at = h * hd;                                 // the head's columns in the fused row
+  for (int i = tid; i < hd; i += k_head_threads)
+    v[i] = qkv[static_cast<int64_t>(t) * width + at + i] + (p.bias != nullptr ? p.bias[at + i] : 0.0f);
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(&tickets[h], 1u) == static_cast<unsigned>(p.head_dim / BLOCK_ROWS - 1);
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  if (threadIdx.x == 0) tickets[h] = 0;  // for the next launch (launches on a stream run in order)
-  for (int t = 0; t < num_tokens; ++t) {
-    process_head(v, scratch, t, h, q, k_cache, v_cache, qkv, token_pos, slots, p);
-    __syncthreads();  // v is the next token's
+  if (kind < 2 && p.qk_norm == QkNormKind::PerHead) {  // Qwen3-MoE: RMSNorm of each q and k head
+    const float* weight = kind == 0 ? p.q_norm : p.k_norm;
+    float sum_sq = 0.0f;
+    for (int i = tid; i < hd; i += k_head_threads) sum_sq += v[i] * v[i];
+    sum_sq = block_sum(sum_sq, scratch);
+    const float inv = 1.0f / sqrtf(sum_sq / static_cast<float>(hd) + p.eps);
+    for (int i = tid; i < hd; i += k_head_threads) v[i] = weight[i] * (v[i] * inv);
+    __syncthreads();
+  }
+  if (p.clip > 0.0f) {
+    for (int i = tid; i < hd; i += k_head_threads) v[i] = fminf(fmaxf(v[i], -p.clip), p.clip);
+    __syncthreads();
+  }
+  if (kind < 2) {  // RoPE on q and k
+    const int half = hd / 2;
+    const float pos = static_cast<float>(token_pos[t]);
+    for (int i = tid; i < half; i += k_head_threads) rope_pair(v, i, half, pos, p.rope_inv_freq);
+    __syncthreads();
+  }
+  if (kind == 0) {
+    for (int i = tid; i < hd; i += k_head_threads) q[static_cast<int64_t>(t) * q_size + at + i] = v[i];
+  } else {
+    CacheT* cache = kind == 1 ? k_cache : v_cache;
+    const int64_t base = static_cast<int64_t>(slots[t]) * kv_size + (h - nh - (kind == 2 ? nkv : 0)) * hd;
+    for (int i = tid; i < hd; i += k_head_threads) store_cache(cache + base + i, v[i]);
   }
 }
 
@@ -216,27 +156,6 @@ void launch_qkv(float* q, CacheT* k_cache, CacheT* v_cache, const float* qkv, co
   CUDA_CHECK_LAUNCH();
 }
 
-template <typename CacheT>
-bool launch_proj_small(float* qkv, float* q, CacheT* k_cache, CacheT* v_cache, const float* x, const bf16* w,
-                       const int32_t* token_pos, const int32_t* slots, int num_tokens, int hidden, const QkvParams& p,
-                       unsigned* tickets, cudaStream_t stream) {
-  if (num_tokens == 0) return true;
-  if (num_tokens > k_small_batch_max_tokens) argument_error("qkv_proj_small", "more tokens than the small-batch path takes");
-  if (hidden % 8 != 0) argument_error("qkv_proj_small", "hidden must be a multiple of 8");
-  if (p.head_dim % 2 != 0 || p.head_dim > 256) argument_error("qkv_proj_small", "head_dim must be even, at most 256");
-  const int heads = p.num_heads + 2 * p.num_kv_heads, n = heads * p.head_dim;
-  bool launched = false;
-  dispatch_max_tokens(num_tokens, [&]<int MAXT>() {
-    constexpr int ROWS = small_rows_per_warp(MAXT);
-    if (p.qk_norm == QkNormKind::Full || p.head_dim % (k_proj_warps * ROWS) != 0) return;
-    launch_kernel(qkv_proj_small_kernel<ROWS, MAXT, CacheT>, n / (k_proj_warps * ROWS), k_proj_warps * 32, 0, stream,
-                  qkv, q, k_cache, v_cache, x, w, token_pos, slots, num_tokens, hidden, p, tickets);
-    CUDA_CHECK_LAUNCH();
-    launched = true;
-  });
-  return launched;
-}
-
 }  // namespace
 
 void qkv_rope_cache(float* q, bf16* k_cache, bf16* v_cache, const float* qkv, const int32_t* token_pos,
@@ -247,18 +166,6 @@ void qkv_rope_cache(float* q, bf16* k_cache, bf16* v_cache, const float* qkv, co
 void qkv_rope_cache(float* q, float* k_cache, float* v_cache, const float* qkv, const int32_t* token_pos,
                     const int32_t* slots, int num_tokens, const QkvParams& p, cudaStream_t stream) {
   launch_qkv(q, k_cache, v_cache, qkv, token_pos, slots, num_tokens, p, stream);
-}
-
-bool qkv_proj_small(float* qkv, float* q, bf16* k_cache, bf16* v_cache, const float* x, const bf16* w,
-                    const int32_t* token_pos, const int32_t* slots, int num_tokens, int hidden, const QkvParams& p,
-                    unsigned* tickets, cudaStream_t stream) {
-  return launch_proj_small(qkv, q, k_cache, v_cache, x, w, token_pos, slots, num_tokens, hidden, p, tickets, stream);
-}
-
-bool qkv_proj_small(float* qkv, float* q, float* k_cache, float* v_cache, const float* x, const bf16* w,
-                    const int32_t* token_pos, const int32_t* slots, int num_tokens, int hidden, const QkvParams& p,
-                    unsigned* tickets, cudaStream_t stream) {
-  return launch_proj_small(qkv, q, k_cache, v_cache, x, w, token_pos, slots, num_tokens, hidden, p, tickets, stream);
 }
 
 }  // namespace moescope::cuda
