@@ -532,6 +532,10 @@ TEST_F(CudaBackendTest, BadTailSwitchIsAClearError) {
   expect_environment_error("MOESCOPE_CUDA_TAIL", "2", "MOESCOPE_CUDA_TAIL=2: expected 0 or 1");
 }
 
+TEST_F(CudaBackendTest, BadProfileSwitchIsAClearError) {
+  expect_environment_error("MOESCOPE_CUDA_PROFILE", "on", "MOESCOPE_CUDA_PROFILE=on: expected 0 or 1");
+}
+
 TEST_F(CudaBackendTest, BadProfilerTokensAreAClearError) {
   expect_environment_error("MOESCOPE_CUDA_PROFILER_TOKENS", "2k",
                            "MOESCOPE_CUDA_PROFILER_TOKENS=2k: expected a number of tokens, 1 or more");

@@ -32,6 +32,14 @@ constexpr size_t k_workspace_reserve = size_t{1} << 30;
 size_t align_up(size_t n) { return (n + k_align - 1) / k_align * k_align; }
 int round_up8(int n) { return (n + 7) / 8 * 8; }
 
+// A diagnostic switch of the environment: 0 or 1, `unset` when unset or empty; any other value is an error.
+bool switch_from_env(const char* name, bool unset = true) {
+  const char* env = std::getenv(name);
+  const std::string value = env == nullptr ? "" : env;
+  if (!value.empty() && value != "0" && value != "1") fail("{}={}: expected 0 or 1", name, value);
+  return value.empty() ? unset : value == "1";
+}
+
 std::set<std::string> parse_twice_stages() {
   std::set<std::string> stages;
   const char* env = std::getenv("MOESCOPE_CUDA_TWICE");
@@ -269,7 +277,7 @@ struct CudaBackend::Impl {
 
   // MOESCOPE_CUDA_PROFILE=1: events between stages, summed per stage and printed at the end. Graphs
   // are off then (events inside would time the graph's nodes, not the eager launches).
-  bool profile = std::getenv("MOESCOPE_CUDA_PROFILE") != nullptr;
+  bool profile = switch_from_env("MOESCOPE_CUDA_PROFILE", false);
   // MOESCOPE_CUDA_TWICE=attention,router_topk,...: a diagnostic that launches those stages twice, so that
   // a benchmark's difference with and without it is what the stage costs inside a replayed graph (launch
   // gaps and warm caches included, which per-kernel profilers leave out). The outputs are then not the
@@ -904,16 +912,6 @@ void CudaBackend::Impl::drop_graphs() {
   for (auto& [tokens, exec] : graphs) cudaGraphExecDestroy(exec);
   graphs.clear();
 }
-
-namespace {
-// A diagnostic switch of the environment, on unless set to 0; any other value than 0 or 1 is an error.
-bool switch_from_env(const char* name) {
-  const char* env = std::getenv(name);
-  const std::string value = env == nullptr ? "" : env;
-  if (!value.empty() && value != "0" && value != "1") fail("{}={}: expected 0 or 1", name, value);
-  return value != "0";
-}
-}  // namespace
 
 CudaBackend::CudaBackend(std::shared_ptr<const ModelWeights> weights, CudaBackendOptions options)
     : impl_(std::make_unique<Impl>(std::move(weights), options)) {
