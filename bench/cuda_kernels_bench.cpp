@@ -17,6 +17,7 @@
 #include "backend/cuda/device.h"
 #include "backend/cuda/device_memory.h"
 #include "backend/cuda/kernels.h"
+#include "backend/cuda/timing.h"
 #include "tensor/dtype.h"
 
 namespace {
@@ -34,22 +35,12 @@ bool skip_without_gpu(benchmark::State& state) {
 // benchmark's manual time; returns the seconds summed over the iterations.
 template <typename Run>
 double time_with_events(benchmark::State& state, Run&& run) {
-  cudaEvent_t start, stop;
-  CUDA_CHECK(cudaEventCreate(&start));
-  CUDA_CHECK(cudaEventCreate(&stop));
   double total_s = 0.0;
   for (auto _ : state) {
-    CUDA_CHECK(cudaEventRecord(start, nullptr));
-    run();
-    CUDA_CHECK(cudaEventRecord(stop, nullptr));
-    CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0.0f;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    state.SetIterationTime(ms * 1e-3);
-    total_s += ms * 1e-3;
+    const double s = moescope::cuda::event_ms(nullptr, run) * 1e-3;
+    state.SetIterationTime(s);
+    total_s += s;
   }
-  CUDA_CHECK(cudaEventDestroy(start));
-  CUDA_CHECK(cudaEventDestroy(stop));
   return total_s;
 }
 
@@ -483,5 +474,34 @@ BENCHMARK(BM_DenseGemm)
     ->Args({2048, 256, 2048, -1, 1})
     ->UseManualTime()
     ->Unit(benchmark::kMicrosecond);
+
+// What a grid-wide barrier of a persistent kernel costs beside the boundary between two kernels of a decode
+// pass (docs/CUDA.md, "What remains": the batch-1 step's latency-bound chain). pdl: the kernels launched
+// by programmatic dependent launch (sm_90) or plainly. One iteration: 200 barriers or kernels, medians of
+// 20 timings each.
+void BM_SyncCosts(benchmark::State& state) {
+  if (skip_without_gpu(state)) return;
+  const bool pdl = state.range(0) != 0;
+  int device = 0, major = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (pdl && major < 9) {
+    state.SkipWithError("programmatic dependent launch needs sm_90");
+    return;
+  }
+  const bool before = moescope::cuda::programmatic_launch();
+  moescope::cuda::set_programmatic_launch(pdl);
+  moescope::cuda::SyncCosts costs;
+  for (auto _ : state) costs = moescope::cuda::measure_sync_costs(200, 20);
+  moescope::cuda::set_programmatic_launch(before);
+  if (!costs.barriers_checked || !costs.links_checked) {
+    state.SkipWithError("a barrier or a kernel of the chain did not run");
+    return;
+  }
+  state.counters["barrier_us"] = costs.barrier_us;
+  state.counters["kernel_boundary_us"] = costs.boundary_us;
+  state.SetLabel(moescope::cuda::device_description() + ", " + std::to_string(costs.blocks) + " blocks");
+}
+BENCHMARK(BM_SyncCosts)->ArgName("pdl")->Arg(1)->Arg(0)->Iterations(1)->Unit(benchmark::kMillisecond);
 
 BENCHMARK_MAIN();

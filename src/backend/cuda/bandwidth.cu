@@ -1,10 +1,10 @@
 // The device's memory bandwidth, measured by our own kernels in the same run as the benchmark: a
 // streaming read (how decode reads weights; the floor uses it) and a copy (bytes read plus written).
-#include <algorithm>
 #include <vector>
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/device_memory.h"
+#include "backend/cuda/timing.h"
 
 namespace moescope::cuda {
 namespace {
@@ -52,25 +52,12 @@ __global__ void copy_kernel(uint4* dst, const uint4* src, size_t n) {
   for (; i < n; i += stride) dst[i] = src[i];
 }
 
+// The rates of `repeats` runs of `launch` (on the default stream), each moving `bytes_moved` bytes.
 template <typename Launch>
 BandwidthSample time_kernel(size_t bytes_moved, int repeats, Launch&& launch) {
-  cudaEvent_t start, stop;
-  CUDA_CHECK(cudaEventCreate(&start));
-  CUDA_CHECK(cudaEventCreate(&stop));
-  std::vector<double> rates;
-  for (int r = 0; r < repeats + 2; ++r) {  // two warm-up runs
-    CUDA_CHECK(cudaEventRecord(start));
-    launch();
-    CUDA_CHECK(cudaEventRecord(stop));
-    CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0.0f;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    if (r >= 2) rates.push_back(static_cast<double>(bytes_moved) / (ms * 1e-3) / 1e9);
-  }
-  CUDA_CHECK(cudaEventDestroy(start));
-  CUDA_CHECK(cudaEventDestroy(stop));
-  std::sort(rates.begin(), rates.end());
-  return {rates.back(), rates[rates.size() / 2], rates.front(), bytes_moved, repeats};
+  const std::vector<double> ms = sorted_event_ms(nullptr, repeats, launch);  // fastest first
+  auto rate = [&](double t) { return static_cast<double>(bytes_moved) / (t * 1e-3) / 1e9; };
+  return {rate(ms.front()), rate(ms[ms.size() - 1 - ms.size() / 2]), rate(ms.back()), bytes_moved, repeats};
 }
 
 int stream_blocks() {

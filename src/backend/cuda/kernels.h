@@ -269,4 +269,18 @@ BandwidthSample measure_read_bandwidth(size_t bytes = size_t{4} << 30, int repea
 // Device-to-device copy kernel of `bytes`, counting bytes read plus bytes written.
 BandwidthSample measure_copy_bandwidth(size_t bytes = size_t{2} << 30, int repeats = 10);
 
+// --- Synchronisation costs (sync_cost.cu) ----------------------------------------------------------
+
+// A grid-wide barrier of a persistent launch (one block of 256 threads an SM, the blocks meeting at an
+// atomic counter) against the boundary between two kernels of a pass (a CUDA graph of kernels launched as
+// the passes launch theirs, each waiting for the previous one): microseconds each, from `count` of them
+// against none (barriers) or one (kernels), medians of `repeats` timings. The *_checked flags say that
+// every barrier and every kernel ran (the counter's final values).
+struct SyncCosts {
+  double barrier_us = 0.0, boundary_us = 0.0;
+  int blocks = 0;
+  bool programmatic = false, barriers_checked = false, links_checked = false;
+};
+SyncCosts measure_sync_costs(int count, int repeats);
+
 }  // namespace moescope::cuda
