@@ -490,14 +490,18 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
   // row % 8, so the chunk's swizzled place in its row is the thread's own.
   const int tid = threadIdx.x, chunk = tid & 7, copy_row = tid >> 3;
   const int swizzled = ((chunk ^ (copy_row & 7)) << 4) + copy_row * Cfg::ROW_BYTES;
+  // This thread's chunk of the activation row for tile row r (copied: r < rows), or of row 0 (not copied).
+  auto a_chunk = [&](int r, bool copied) {
+    const int64_t a_row = !copied ? 0 : GATED && !is_dense ? groups.sorted_pairs[row0 + r] / top_k : row0 + r;
+    return a_in + a_row * k_total + chunk * 8;
+  };
   const bf16* a_ptr[A_ITERS];
   bool a_copy[A_ITERS];
 #pragma unroll
   for (int i = 0; i < A_ITERS; ++i) {
     const int r = copy_row + i * COPY_ROWS;
     a_copy[i] = r < rows;  // rows past the tile's are left as they are: only their own outputs see them
-    const int64_t a_row = !a_copy[i] ? 0 : GATED && !is_dense ? groups.sorted_pairs[row0 + r] / top_k : row0 + r;
-    a_ptr[i] = a_in + a_row * k_total + chunk * 8;
+    a_ptr[i] = a_chunk(r, a_copy[i]);
   }
   constexpr int TAIL_SLOTS = Cfg::TAIL_ITERS > 0 ? Cfg::TAIL_ITERS : 1;
   const bf16* t_ptr[TAIL_SLOTS];
@@ -506,8 +510,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
   for (int i = 0; i < TAIL_SLOTS; ++i) {
     const int r = BM + copy_row + i * COPY_ROWS;
     t_copy[i] = i < Cfg::TAIL_ITERS && r < rows;
-    const int64_t a_row = !t_copy[i] ? 0 : GATED && !is_dense ? groups.sorted_pairs[row0 + r] / top_k : row0 + r;
-    t_ptr[i] = a_in + a_row * k_total + chunk * 8;
+    t_ptr[i] = a_chunk(r, t_copy[i]);
   }
   const bf16* b_ptr[B_ITERS];
   bool b_ok[B_ITERS];

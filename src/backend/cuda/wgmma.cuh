@@ -79,16 +79,23 @@ __device__ __forceinline__ void wgmma_fence_operands(float (&d)[N]) {
 
 // The accumulators of the wrappers below, as inline-asm operands: the instruction's register list
 // (%0 .. %N-1) and the matching read-write constraints on d[0] .. d[N-1].
+#define MOESCOPE_WGMMA_D4_REGS "%0, %1, %2, %3"
+#define MOESCOPE_WGMMA_D8_REGS MOESCOPE_WGMMA_D4_REGS ", %4, %5, %6, %7"
+#define MOESCOPE_WGMMA_D12_REGS MOESCOPE_WGMMA_D8_REGS ", %8, %9, %10, %11"
+#define MOESCOPE_WGMMA_D16_REGS MOESCOPE_WGMMA_D12_REGS ", %12, %13, %14, %15"
 #define MOESCOPE_WGMMA_D32_REGS \
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15" ", " \
+  MOESCOPE_WGMMA_D16_REGS ", " \
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
 #define MOESCOPE_WGMMA_D64_REGS \
   MOESCOPE_WGMMA_D32_REGS ", " \
   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47" ", " \
   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define MOESCOPE_WGMMA_D4_OUT(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+#define MOESCOPE_WGMMA_D8_OUT(d) MOESCOPE_WGMMA_D4_OUT(d), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+#define MOESCOPE_WGMMA_D12_OUT(d) MOESCOPE_WGMMA_D8_OUT(d), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11])
+#define MOESCOPE_WGMMA_D16_OUT(d) MOESCOPE_WGMMA_D12_OUT(d), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
 #define MOESCOPE_WGMMA_D32_OUT(d) \
-  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  MOESCOPE_WGMMA_D16_OUT(d), \
   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
 #define MOESCOPE_WGMMA_D64_OUT(d) \
@@ -160,24 +167,18 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs_mn(float (&d)[64], const uin
                ", p, 1, 1, 0, 0;\n}\n"                                                                     \
                : OUT                                                                                       \
                : "l"(a), "l"(b), "r"(1))
-#define MOESCOPE_WGMMA_D4_OUT(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-#define MOESCOPE_WGMMA_D8_OUT(d) MOESCOPE_WGMMA_D4_OUT(d), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-#define MOESCOPE_WGMMA_D12_OUT(d) MOESCOPE_WGMMA_D8_OUT(d), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11])
-#define MOESCOPE_WGMMA_D16_OUT(d) MOESCOPE_WGMMA_D12_OUT(d), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
 template <int N>
 __device__ __forceinline__ void wgmma_m64nNk16(float (&d)[16], uint64_t a, uint64_t b) {
   static_assert(N == 8 || N == 16 || N == 24 || N == 32, "n8, n16, n24 or n32");
 #if MOESCOPE_WGMMA
   if constexpr (N == 8)
-    MOESCOPE_WGMMA_NARROW(8, "%0, %1, %2, %3", MOESCOPE_WGMMA_D4_OUT(d), "%4", "%5", "%6");
+    MOESCOPE_WGMMA_NARROW(8, MOESCOPE_WGMMA_D4_REGS, MOESCOPE_WGMMA_D4_OUT(d), "%4", "%5", "%6");
   else if constexpr (N == 16)
-    MOESCOPE_WGMMA_NARROW(16, "%0, %1, %2, %3, %4, %5, %6, %7", MOESCOPE_WGMMA_D8_OUT(d), "%8", "%9", "%10");
+    MOESCOPE_WGMMA_NARROW(16, MOESCOPE_WGMMA_D8_REGS, MOESCOPE_WGMMA_D8_OUT(d), "%8", "%9", "%10");
   else if constexpr (N == 24)
-    MOESCOPE_WGMMA_NARROW(24, "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11", MOESCOPE_WGMMA_D12_OUT(d), "%12",
-                          "%13", "%14");
+    MOESCOPE_WGMMA_NARROW(24, MOESCOPE_WGMMA_D12_REGS, MOESCOPE_WGMMA_D12_OUT(d), "%12", "%13", "%14");
   else
-    MOESCOPE_WGMMA_NARROW(32, "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15",
-                          MOESCOPE_WGMMA_D16_OUT(d), "%16", "%17", "%18");
+    MOESCOPE_WGMMA_NARROW(32, MOESCOPE_WGMMA_D16_REGS, MOESCOPE_WGMMA_D16_OUT(d), "%16", "%17", "%18");
 #else
   (void)d;
   (void)a;
