@@ -452,6 +452,55 @@ TEST_F(CudaBackendTest, DecodeGraphsGiveTheEagerResultsBitForBit) {
 // stat and per_pass take the per-expert tallies the router kernels keep on the device (one copy of
 // layers x experts per pass); per_token takes every route. Both record the same counts, in decode
 // passes replayed from CUDA graphs as in eager ones, on the small path (3 sequences) and the large (12).
+// Large passes run the shared expert on a second stream beside the routed experts (the cuBLAS path: 192
+// tokens and more here, 48 pairs an expert); MOESCOPE_CUDA_SHARED_STREAM=0 keeps it on the pass's stream.
+// The same kernels on the same data: the logits and the routes are equal to the bit, for a prefill of two
+// prompts (400 tokens) and the decode step after it.
+TEST_F(CudaBackendTest, SharedExpertOnItsOwnStreamGivesTheSameLogitsBitForBit) {
+  Json reference;
+  const auto weights = load_fixture("qwen2_moe_gqa_shared", &reference);
+  ASSERT_TRUE(weights);
+  cuda::CudaBackend side(weights, small_options(8));
+  ::setenv("MOESCOPE_CUDA_SHARED_STREAM", "0", 1);
+  cuda::CudaBackend one(weights, small_options(8));
+  ::unsetenv("MOESCOPE_CUDA_SHARED_STREAM");
+  const auto base = reference["prompts"][1]["prompt_ids"].get<std::vector<int32_t>>();
+  std::vector<int32_t> prompt;
+  while (prompt.size() < 200) prompt.insert(prompt.end(), base.begin(), base.end());
+  prompt.resize(200);
+  RoutesByToken routes_side, routes_one;
+  std::vector<std::vector<int32_t>> next(2, prompt);
+  next[1][0] = 7;
+  std::vector<int32_t> pos(2, 0);
+  std::vector<int> cache_side{side.create_cache(), side.create_cache()}, cache_one{one.create_cache(), one.create_cache()};
+  for (int step = 0; step < 2; ++step) {
+    Batch b_side, b_one;
+    for (int s = 0; s < 2; ++s) {
+      b_side.sequences.push_back({cache_side[s], pos[s], next[s], fmt::format("s{}", s)});
+      b_one.sequences.push_back({cache_one[s], pos[s], next[s], fmt::format("s{}", s)});
+    }
+    std::vector<float> logits_side, logits_one;
+    side.forward(b_side, &routes_side, logits_side);
+    one.forward(b_one, &routes_one, logits_one);
+    ASSERT_EQ(logits_side.size(), logits_one.size());
+    EXPECT_EQ(std::memcmp(logits_side.data(), logits_one.data(), logits_side.size() * sizeof(float)), 0)
+        << "step " << step << ": logits with the shared expert on its own stream";
+    const int vocab = weights->config.vocab_size;
+    for (int s = 0; s < 2; ++s) {
+      pos[s] += static_cast<int32_t>(next[s].size());
+      next[s] = {argmax(std::span<const float>(logits_side).subspan(static_cast<size_t>(s) * vocab, vocab))};
+    }
+  }
+  EXPECT_EQ(routes_side.routes.size(), routes_one.routes.size());
+  for (const auto& [key, route] : routes_side.routes) {
+    const auto it = routes_one.routes.find(key);
+    ASSERT_NE(it, routes_one.routes.end());
+    EXPECT_EQ(route.ids, it->second.ids);
+    EXPECT_EQ(route.weights, it->second.weights);
+  }
+  std::printf("  shared expert on a second stream: a 400-token prefill and a decode step equal to one stream's to the bit\n");
+}
+
 TEST_F(CudaBackendTest, DeviceTalliesRecordWhatTheRoutesRecordUnderGraphs) {
   Json reference;
   const auto weights = load_fixture("qwen2_moe_gqa_shared", &reference);
@@ -530,6 +579,18 @@ TEST_F(CudaBackendTest, BadWgmmaSwitchIsAClearError) {
 
 TEST_F(CudaBackendTest, BadTailSwitchIsAClearError) {
   expect_environment_error("MOESCOPE_CUDA_TAIL", "2", "MOESCOPE_CUDA_TAIL=2: expected 0 or 1");
+}
+
+TEST_F(CudaBackendTest, BadRouterStagedSwitchIsAClearError) {
+  expect_environment_error("MOESCOPE_CUDA_ROUTER_STAGED", "true", "MOESCOPE_CUDA_ROUTER_STAGED=true: expected 0 or 1");
+}
+
+TEST_F(CudaBackendTest, BadDenseNormSwitchIsAClearError) {
+  expect_environment_error("MOESCOPE_CUDA_DENSE_NORM", "no", "MOESCOPE_CUDA_DENSE_NORM=no: expected 0 or 1");
+}
+
+TEST_F(CudaBackendTest, BadSharedStreamSwitchIsAClearError) {
+  expect_environment_error("MOESCOPE_CUDA_SHARED_STREAM", "2", "MOESCOPE_CUDA_SHARED_STREAM=2: expected 0 or 1");
 }
 
 TEST_F(CudaBackendTest, BadProfileSwitchIsAClearError) {

@@ -269,7 +269,25 @@ TEST_F(CudaKernels, RouterTopkMatchesCpuSoftmaxAndSelectExperts) {
     if (cs.shared) expect_close("  shared-expert gate", to_host(d_gate, cs.tokens), ref_gate, 1e-6);
 
     // The same tokens in passes of other sizes (other tokens a block) get the same routes to the bit: a
-    // token's logits are summed in one order whatever the block holds.
+    // token's logits are summed in one order whatever the block holds. From 8 tokens a block, the same
+    // holds without the activations staged in shared memory (MOESCOPE_CUDA_ROUTER_STAGED=0).
+    if (cs.tokens >= 8 * cuda::multiprocessors()) {
+      DeviceBuffer<int32_t> plain_ids(ref_ids.size());
+      auto plain_wts = test::poisoned(ref_ids.size());
+      auto plain_gate = test::poisoned(cs.tokens);
+      cuda::set_router_staged_allowed(false);
+      cuda::router_topk(plain_ids.data(), plain_wts.data(), cs.shared ? plain_gate.data() : nullptr, d_x.data(),
+                        d_w.data(), cs.tokens, cs.hidden, cs.experts, cs.top_k, cs.norm, nullptr);
+      cuda::set_router_staged_allowed(true);
+      EXPECT_EQ(to_host(plain_ids, ids.size()), ids) << "routes without the staged activations";
+      const auto pw = to_host(plain_wts, wts.size());
+      EXPECT_EQ(std::memcmp(pw.data(), wts.data(), wts.size() * sizeof(float)), 0) << "weights without staging";
+      if (cs.shared) {
+        const auto pg = to_host(plain_gate, cs.tokens), g = to_host(d_gate, cs.tokens);
+        EXPECT_EQ(std::memcmp(pg.data(), g.data(), cs.tokens * sizeof(float)), 0) << "shared gates without staging";
+      }
+      std::printf("  router %d tokens: staged and unstaged activations give the same routes to the bit\n", cs.tokens);
+    }
     if (cs.tokens > 8) {
       const int few = 7;
       DeviceBuffer<int32_t> few_ids(static_cast<size_t>(few) * cs.top_k);
@@ -291,7 +309,8 @@ TEST_F(CudaKernels, RouterTopkMatchesCpuSoftmaxAndSelectExperts) {
 
 TEST_F(CudaKernels, AlignGroupsPairsByExpertInPairOrder) {
   std::mt19937 rng(6);
-  for (const auto& [num_pairs, num_experts] : {std::pair{4, 60}, std::pair{37 * 2, 8}, std::pair{2048 * 4, 60}, std::pair{300, 256}}) {
+  for (const auto& [num_pairs, num_experts] :
+       {std::pair{4, 60}, std::pair{37 * 2, 8}, std::pair{2048 * 4, 60}, std::pair{300, 256}, std::pair{6144 * 4, 60}}) {
     std::uniform_int_distribution<int32_t> pick(0, num_experts - 1);
     std::vector<int32_t> ids(num_pairs);
     for (auto& id : ids) id = pick(rng);
@@ -603,6 +622,44 @@ void check_moe_run(const MoeCase& cs, MoePath path, const MoeRun& got, const tes
     }
   EXPECT_EQ(differing, 0) << label << ": routes differ from the CPU's";
   expect_close(label, got.out, ref, path == MoePath::Small ? 1e-5 : path == MoePath::Large ? k_bf16_tol : k_split_tol);
+}
+
+// The small gate/up kernel's dense group norming the residual itself (DenseNorm, one or two tokens: it
+// then runs beside router_small instead of after it) against the same kernel reading router_small's
+// normed rows: every output of the launch, routed and dense, equal to the bit. Three tokens take the
+// kernel without its own norm (the same outputs by construction).
+TEST_F(CudaKernels, SmallGateUpNormsTheSharedExpertInputAsTheRouter) {
+  std::mt19937 rng(17);
+  for (int T : {1, 2, 3}) {
+    const MoeCase cs{T, 256, 16, 4, 64, 96, false};
+    const MoeWeights mw(cs, rng);
+    const cuda::ExpertWeights ew = mw.device_view(cs);
+    const int hidden = cs.hidden, P = T * cs.top_k, rows = cs.experts + 1, ld_h = 96;
+    std::vector<float> norm_weight = random_f32(hidden, rng, 0.1f);
+    for (float& v : norm_weight) v += 1.0f;
+    auto d_norm = to_device(norm_weight);
+    auto d_x = to_device(random_f32(static_cast<size_t>(T) * hidden, rng, 3.0f));
+    DeviceBuffer<unsigned> ticket(1);
+    CUDA_CHECK(cudaMemset(ticket.data(), 0, sizeof(unsigned)));
+    DeviceBuffer<float> logits(static_cast<size_t>(T) * rows), wts(P), gate(T), h(static_cast<size_t>(T) * hidden);
+    DeviceBuffer<int32_t> ids(P), groups_mem(static_cast<size_t>(cuda::expert_groups_ints(P, cs.experts)));
+    const cuda::ExpertGroups groups = cuda::carve_expert_groups(groups_mem.data(), P, cs.experts);
+    cuda::router_small(ids.data(), wts.data(), gate.data(), h.data(), d_x.data(), d_norm.data(), 1e-6f,
+                       mw.router.data(), T, hidden, cs.experts, cs.top_k, cs.norm, groups, {}, logits.data(),
+                       ticket.data(), nullptr);
+    const size_t out_size = static_cast<size_t>(P + T) * ld_h;
+    auto read_h = test::poisoned(out_size), own_norm = test::poisoned(out_size);
+    cuda::experts_gate_up_small(read_h.data(), ld_h, h.data(), ew, groups, T, hidden, cs.experts, cs.top_k, nullptr);
+    cuda::experts_gate_up_small(own_norm.data(), ld_h, h.data(), ew, groups, T, hidden, cs.experts, cs.top_k, nullptr,
+                                {d_x.data(), d_norm.data(), 1e-6f});
+    const auto a = to_host(read_h, out_size), b = to_host(own_norm, out_size);
+    EXPECT_EQ(std::memcmp(a.data(), b.data(), out_size * sizeof(float)), 0) << T << " tokens";
+    // Written where it should be: every dense row's shared_inter outputs are finite.
+    for (int t = 0; t < T; ++t)
+      for (int n = 0; n < cs.shared_inter; ++n)
+        ASSERT_TRUE(std::isfinite(b[static_cast<size_t>(P + t) * ld_h + n])) << "token " << t << " column " << n;
+  }
+  std::printf("  small gate/up, shared expert normed by its own blocks: the outputs of router_small's rows to the bit\n");
 }
 
 TEST_F(CudaKernels, MoeBlockSmallPathMatchesCpuMoe) {

@@ -88,6 +88,46 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return warp_sum(v);
 }
 
+// dst[place(i)] = src[i] for i < n (then zeros up to n_fill >= n), by the block, src read through L2:
+// each thread's loads all issued before its stores, so the copy costs about one round trip, not one a pass.
+struct SamePlace {
+  __device__ int operator()(int i) const { return i; }
+};
+template <int UNROLL = 8, class Place = SamePlace>
+__device__ __forceinline__ void block_stage_l2(float4* dst, const float4* src, int n, int n_fill, Place place = {}) {
+  for (int base = threadIdx.x; base < n_fill; base += UNROLL * blockDim.x) {
+    float4 v[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int i = base + u * blockDim.x;
+      v[u] = i < n ? __ldcg(src + i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int i = base + u * blockDim.x;
+      if (i < n_fill) dst[place(i)] = v[u];
+    }
+  }
+}
+
+// An RMSNorm's sum of squares, eight values at a time added to acc, and the inverse RMS from a warp's
+// lane sums: one order of operations for router_small and the small gate/up kernel's own norm of the
+// shared expert's input, which must agree to the bit.
+__device__ __forceinline__ float sum_squares8(float4 a, float4 b, float acc) {
+  float s = a.x * a.x;
+  s = fmaf(a.y, a.y, s);
+  s = fmaf(a.z, a.z, s);
+  s = fmaf(a.w, a.w, s);
+  s = fmaf(b.x, b.x, s);
+  s = fmaf(b.y, b.y, s);
+  s = fmaf(b.z, b.z, s);
+  s = fmaf(b.w, b.w, s);
+  return acc + s;
+}
+__device__ __forceinline__ float warp_inv_rms(float lane_sum_sq, int n, float eps) {
+  return 1.0f / sqrtf(warp_sum(lane_sum_sq) / static_cast<float>(n) + eps);
+}
+
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
@@ -102,6 +142,14 @@ inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) 
 __device__ __forceinline__ void wait_for_previous_kernel() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Lets the next kernel's blocks start without this block's waiting for the previous kernel first (a
+// block that reads nothing the previous kernel writes; the next kernel still waits for all of this one).
+__device__ __forceinline__ void allow_next_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }

@@ -10,6 +10,8 @@ namespace {
 bool g_programmatic_launch = false;
 bool g_wgmma_allowed = true;
 bool g_expert_tails_allowed = true;
+bool g_router_staged_allowed = true;
+bool g_dense_norm_allowed = true;
 }  // namespace
 
 void set_programmatic_launch(bool on) { g_programmatic_launch = on; }
@@ -18,6 +20,10 @@ void set_wgmma_allowed(bool on) { g_wgmma_allowed = on; }
 bool wgmma_allowed() { return g_wgmma_allowed; }
 void set_expert_tails_allowed(bool on) { g_expert_tails_allowed = on; }
 bool expert_tails_allowed() { return g_expert_tails_allowed; }
+void set_router_staged_allowed(bool on) { g_router_staged_allowed = on; }
+bool router_staged_allowed() { return g_router_staged_allowed; }
+void set_dense_norm_allowed(bool on) { g_dense_norm_allowed = on; }
+bool dense_norm_allowed() { return g_dense_norm_allowed; }
 
 bool device_available(std::string* why) {
   int count = 0;

@@ -55,4 +55,14 @@ bool wgmma_allowed();
 void set_expert_tails_allowed(bool on);
 bool expert_tails_allowed();
 
+// Large passes' router with its activation rows staged in shared memory (router.cu): the same logits to the
+// bit as the unstaged kernel, which MOESCOPE_CUDA_ROUTER_STAGED=0 keeps (a diagnostic and a comparison).
+void set_router_staged_allowed(bool on);
+bool router_staged_allowed();
+
+// A small pass's shared-expert gate/up norming its input itself beside router_small (DenseNorm, kernels.h):
+// the same outputs to the bit as waiting for the router's normed rows, which MOESCOPE_CUDA_DENSE_NORM=0 keeps.
+void set_dense_norm_allowed(bool on);
+bool dense_norm_allowed();
+
 }  // namespace moescope::cuda

@@ -56,20 +56,29 @@ __device__ __forceinline__ bool find_group(Group& g, int& block_in_group, const 
 
 // h: [P + T, ld_h] f32 (row p: routed pair p; row P + t: token t of the dense group); x: [T, hidden].
 // C: columns per warp (gate and up rows of each): with more tokens, more rows share each activation load.
-template <int MAXT, int C>
+// dn.weight (NORM): the dense group normalises its input itself (dn.x, the residual before the
+// post-attention norm) instead of reading x, which the router kernel before this one writes: its blocks
+// do not wait for the router but run beside it. Each block stages its tokens' rows in shared memory and
+// norms them as router_small does (sum_squares8 in the same lane order, warp_inv_rms, then
+// norm_weight * (x * inv)), so its products are those of x to the bit. This relies on the router kernel
+// letting this one start only after its own wait: the residual is then complete (read through L2).
+template <int MAXT, int C, bool NORM>
 __global__ void __launch_bounds__(k_small_warps * 32)
     gate_up_small_kernel(float* h, int ld_h, const float* x, ExpertWeights w, ExpertGroups groups, int num_tokens,
-                         int hidden, int top_k, int routed_groups, int blocks_per_routed) {
+                         int hidden, int top_k, int routed_groups, int blocks_per_routed, DenseNorm dn) {
   // The dense group's rows are known before the router has run: its warps load their first weights, then
-  // wait (inside warp_dot_rows). Routed groups come from the router's grouping: those blocks wait first.
+  // wait (inside warp_dot_rows), or with NORM run at once. Routed groups come from the router's grouping:
+  // those blocks wait first.
   const bool dense = small_block() >= routed_groups * blocks_per_routed;
   if (!dense) wait_for_previous_kernel();
+  else if (NORM) allow_next_kernel();
   Group g;
   int block;
   if (!find_group(g, block, w, groups, routed_groups, blocks_per_routed, num_tokens, hidden)) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int col0 = (block * k_small_warps + warp) * C;
-  if (col0 >= g.inter) return;
+  // A NORM dense block's warps all take part in its barriers: one past the columns computes and drops.
+  if (col0 >= g.inter && !(NORM && dense)) return;
   const bf16* rows[2 * C];
 #pragma unroll
   for (int c = 0; c < C; ++c) {  // columns past the end re-read the last one; their sums are dropped
@@ -78,18 +87,50 @@ __global__ void __launch_bounds__(k_small_warps * 32)
     rows[2 * c + 1] = g.gate_up + static_cast<int64_t>(g.inter + col) * hidden;
   }
   const int num_pairs = num_tokens * top_k;
+  extern __shared__ float4 gate_up_small_smem[];  // NORM dense blocks: [count][hidden] normed rows
+  float* const staged = reinterpret_cast<float*>(gate_up_small_smem);
+  const bool own_norm = NORM && dense;
   const float* xs[MAXT];
   int out_row[MAXT];
 #pragma unroll
   for (int i = 0; i < MAXT; ++i) {
     const int ii = min(i, g.count - 1);
     const int token = g.pairs != nullptr ? g.pairs[ii] / top_k : ii;
-    xs[i] = x + static_cast<int64_t>(token) * hidden;
+    xs[i] = own_norm ? staged + static_cast<int64_t>(ii) * hidden : x + static_cast<int64_t>(token) * hidden;
     out_row[i] = g.pairs != nullptr ? g.pairs[ii] : num_pairs + ii;
   }
   float acc[MAXT][2 * C];
-  if (dense) warp_dot_rows<2 * C, MAXT, true>(acc, rows, xs, g.count, hidden);
-  else warp_dot_rows<2 * C, MAXT>(acc, rows, xs, g.count, hidden);
+  if (own_norm) {
+    // After this warp's first weight loads: the block's rows of dn.x into shared memory, each row's inverse
+    // RMS (every warp the same sums in the same order), then the rows normed in place.
+    auto norm_rows = [&] {
+      const int count = g.count, vec4 = hidden >> 2, num_vec = hidden >> 3;
+      block_stage_l2(gate_up_small_smem, reinterpret_cast<const float4*>(dn.x), count * vec4, count * vec4);
+      __syncthreads();
+      float inv[MAXT];
+#pragma unroll
+      for (int t = 0; t < MAXT; ++t) {
+        float sum_sq = 0.0f;
+        if (t < count)
+          for (int v = lane; v < num_vec; v += 32)
+            sum_sq = sum_squares8(gate_up_small_smem[t * 2 * num_vec + 2 * v], gate_up_small_smem[t * 2 * num_vec + 2 * v + 1],
+                                  sum_sq);
+        inv[t] = warp_inv_rms(sum_sq, hidden, dn.eps);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int t = 0; t < MAXT; ++t)
+        if (t < count)
+          for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+            staged[t * hidden + i] = dn.weight[i] * (staged[t * hidden + i] * inv[t]);
+      __syncthreads();
+    };
+    warp_dot_rows<2 * C, MAXT, false, false, true>(acc, rows, xs, g.count, hidden, norm_rows);
+  } else if (dense) {
+    warp_dot_rows<2 * C, MAXT, true>(acc, rows, xs, g.count, hidden);
+  } else {
+    warp_dot_rows<2 * C, MAXT>(acc, rows, xs, g.count, hidden);
+  }
   if (lane != 0) return;
 #pragma unroll
   for (int i = 0; i < MAXT; ++i)
@@ -771,7 +812,8 @@ bool wgmma_available() {
 }
 
 void experts_gate_up_small(float* h, int ld_h, const float* x, const ExpertWeights& w, const ExpertGroups& groups,
-                           int num_tokens, int hidden, int num_experts, int top_k, cudaStream_t stream) {
+                           int num_tokens, int hidden, int num_experts, int top_k, cudaStream_t stream,
+                           const DenseNorm& dn) {
   if (num_tokens == 0) return;
   if (num_tokens > k_small_batch_max_tokens) argument_error("experts_gate_up_small", "too many tokens for the small path");
   if (hidden % 8 != 0 || ld_h % 8 != 0) argument_error("experts_gate_up_small", "hidden and ld_h must be multiples of 8");
@@ -782,9 +824,19 @@ void experts_gate_up_small(float* h, int ld_h, const float* x, const ExpertWeigh
     const int blocks_per_routed = ceil_div(w.inter, k_small_warps * C);
     const int dense_blocks = w.dense_gate_up != nullptr ? ceil_div(w.dense_inter, k_small_warps * C) : 0;
     const int blocks = routed_groups * blocks_per_routed + dense_blocks;
-    if (blocks > 0)
-      launch_kernel(gate_up_small_kernel<MAXT, C>, blocks, k_small_warps * 32, 0, stream, h, ld_h, x, w, groups,
-                    num_tokens, hidden, top_k, routed_groups, blocks_per_routed);
+    if (blocks == 0) return;
+    // The dense group's own norm for one or two tokens (a decode step of one or two sequences), whose
+    // staged rows cost the routed blocks little shared memory: up to 16 KB a block at hidden 2048.
+    const size_t norm_smem = static_cast<size_t>(num_tokens) * hidden * sizeof(float);
+    if constexpr (MAXT <= 2) {
+      if (dn.weight != nullptr && dense_blocks > 0 && norm_smem <= 48 * 1024) {
+        launch_kernel(gate_up_small_kernel<MAXT, C, true>, blocks, k_small_warps * 32, norm_smem, stream, h, ld_h, x, w,
+                      groups, num_tokens, hidden, top_k, routed_groups, blocks_per_routed, dn);
+        return;
+      }
+    }
+    launch_kernel(gate_up_small_kernel<MAXT, C, false>, blocks, k_small_warps * 32, 0, stream, h, ld_h, x, w, groups,
+                  num_tokens, hidden, top_k, routed_groups, blocks_per_routed, DenseNorm{});
   });
   CUDA_CHECK_LAUNCH();
 }

@@ -12,9 +12,14 @@ namespace moescope::cuda {
 // CLAMPED: x[t] for t >= n points at a real token (the caller clamps), so every step dots all MAXT tokens
 // with no branch: each weight vector is unpacked once for all of them and their loads issue together
 // (the sums of t < n are the same as with the branch; those of t >= n are left for the caller to drop).
-template <int ROWS, int MAXT, bool WAIT = false, bool CLAMPED = false>
+// X_SHARED: x[t] points into shared memory (plain loads, not L1-cached global ones). before(): called
+// once by every lane after the first weight loads are issued (after the wait when WAIT), before x is read.
+struct NoHook {
+  __device__ void operator()() const {}
+};
+template <int ROWS, int MAXT, bool WAIT = false, bool CLAMPED = false, bool X_SHARED = false, class Before = NoHook>
 __device__ __forceinline__ void warp_dot_rows(float (&acc)[MAXT][ROWS], const bf16* const (&w)[ROWS],
-                                              const float* const (&x)[MAXT], int n, int k) {
+                                              const float* const (&x)[MAXT], int n, int k, Before before = {}) {
   constexpr int U = 8 / ROWS;  // vectors per row per lane per step: 8 loads of 16 bytes in flight
   const int lane = threadIdx.x & 31;
 #pragma unroll
@@ -30,7 +35,10 @@ __device__ __forceinline__ void warp_dot_rows(float (&acc)[MAXT][ROWS], const bf
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) wv[u][r] = v < num_vec ? load_stream(w[r] + v * 8) : make_uint4(0, 0, 0, 0);
     }
-    if (WAIT && base == 0) wait_for_previous_kernel();  // the weights above need nothing from it
+    if (base == 0) {
+      if (WAIT) wait_for_previous_kernel();  // the weights above need nothing from it
+      before();
+    }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int v = base + u * 32 + lane;
@@ -40,7 +48,7 @@ __device__ __forceinline__ void warp_dot_rows(float (&acc)[MAXT][ROWS], const bf
           if (CLAMPED || t < n) {
             const float4* xv = reinterpret_cast<const float4*>(x[t] + v * 8);
             // Activations: L1-cached (every warp of an SM reads the same x), never the read-only path.
-            const float4 a = __ldca(xv), b = __ldca(xv + 1);
+            const float4 a = X_SHARED ? xv[0] : __ldca(xv), b = X_SHARED ? xv[1] : __ldca(xv + 1);
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) acc[t][r] = dot8(wv[u][r], a, b, acc[t][r]);
           }

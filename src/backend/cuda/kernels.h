@@ -215,8 +215,17 @@ struct ExpertWeights {
 // expert's rows are read once for all of its tokens.
 // x: [num_tokens, hidden] f32; h: [num_tokens * top_k + num_tokens, ld_h] f32 out: row p for routed
 // pair p, row num_tokens * top_k + t for token t in the dense group.
+// dn (a MoE layer's small pass after router_small): x is router_small's normed output, and dn.x with
+// dn.weight and dn.eps its input and norm; the dense group's blocks then norm dn.x themselves, to the bit as
+// router_small, and run beside the router instead of after it (one or two tokens; else dn is unused).
+struct DenseNorm {
+  const float* x = nullptr;       // [num_tokens, hidden] f32: the residual stream before the norm
+  const float* weight = nullptr;  // [hidden] the RMSNorm's weight, or nullptr: x is read
+  float eps = 0.0f;
+};
 void experts_gate_up_small(float* h, int ld_h, const float* x, const ExpertWeights& w, const ExpertGroups& groups,
-                           int num_tokens, int hidden, int num_experts, int top_k, cudaStream_t stream);
+                           int num_tokens, int hidden, int num_experts, int top_k, cudaStream_t stream,
+                           const DenseNorm& dn = {});
 // Down projections with the routing weight and un-permute fused: ffn_out[t, j] = topk_weights[t, j] *
 // down_e(h[pair]) for routed pair (t, j); ffn_out[t, num_slots - 1] = dense_down(h[dense row t]).
 // ffn_out: [num_tokens, num_slots, hidden]; topk_weights: [num_tokens, top_k].

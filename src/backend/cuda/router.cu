@@ -126,6 +126,86 @@ __global__ void __launch_bounds__(k_router_warps * 32, 1)
                 norm_topk_prob, topk_ids, topk_weights, shared_gate, counts);
 }
 
+// Large passes: router_topk_kernel with the block's TT activation rows staged in shared memory (read
+// once from global memory, then by every warp from there) and each warp's next weight vectors loaded
+// while it multiplies the current ones. Warp w takes router rows 4 w .. 4 w + 3, then 4 (w + 8) .., and
+// dots them with the TT tokens exactly as warp_dot_rows does (lane l: vectors l, l + 32, .. in that order,
+// one dot8 each, then warp_sum), so every logit, and so every route, is the same to the bit as
+// router_topk_kernel's; what changes is the traffic: the 1-block-an-SM kernel above reloads each token's
+// row from L1 for each of its row groups and waits on each step's weights. 64 registers' worth of
+// accumulators and weights, two blocks an SM. Dynamic shared memory: [TT][hidden] activations (below), then
+// [TT][num_experts + 1] logits.
+constexpr int k_router_staged_warps = 8, k_router_staged_rows = 4;
+template <int TT>
+__global__ void __launch_bounds__(k_router_staged_warps * 32, 2)
+    router_staged_kernel(int32_t* topk_ids, float* topk_weights, float* shared_gate, const float* x, const bf16* w,
+                         int num_tokens, int hidden, int num_experts, int top_k, bool norm_topk_prob,
+                         ExpertCounts counts) {
+  static_assert(TT <= k_router_staged_warps, "warp t routes token t");
+  constexpr int R = k_router_staged_rows;
+  extern __shared__ float4 router_staged_smem[];
+  float* const probs = reinterpret_cast<float*>(router_staged_smem + TT * 2 * (hidden >> 3));  // after x
+  __shared__ int32_t chosen_ids[TT][k_max_top_k];
+  __shared__ float chosen_weights[TT][k_max_top_k];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int t0 = blockIdx.x * TT, n = min(TT, num_tokens - t0), stride = num_experts + 1;
+  const int rows = num_experts + (shared_gate != nullptr ? 1 : 0), num_vec = hidden >> 3;
+
+  // The weight vectors lane l takes next: rows r0 .. r0 + R - 1 (clamped), vector v.
+  auto load_rows = [&](uint4 (&dst)[R], int r0, int v) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      dst[r] = v < num_vec ? load_stream(w + static_cast<int64_t>(min(r0 + r, rows - 1)) * hidden + v * 8)
+                           : make_uint4(0, 0, 0, 0);
+  };
+  // This warp's first weight vectors need nothing from the previous kernel.
+  int r0 = warp * R;
+  uint4 cur[R], next[R] = {};
+  load_rows(cur, r0, lane);
+  wait_for_previous_kernel();
+  // The block's rows of x (rows past n: zeros, their sums are dropped), all of a thread's loads in flight,
+  // vector v's two halves in two planes ([TT][2][num_vec] float4), so that the lanes' loads below are
+  // consecutive 16-byte words (no bank conflicts).
+  block_stage_l2<16>(router_staged_smem, reinterpret_cast<const float4*>(x + static_cast<int64_t>(t0) * hidden),
+                     n * 2 * num_vec, TT * 2 * num_vec, [num_vec](int i) {
+                       const int t = i / (2 * num_vec), q = i % (2 * num_vec);
+                       return (2 * t + (q & 1)) * num_vec + (q >> 1);
+                     });
+  __syncthreads();
+
+  for (; r0 < rows; r0 += k_router_staged_warps * R) {
+    float acc[TT][R];
+#pragma unroll
+    for (int t = 0; t < TT; ++t)
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[t][r] = 0.0f;
+    for (int v = lane; v < num_vec; v += 32) {
+      // The next vectors: this row group's at v + 32, or the first of the warp's next row group.
+      if (v + 32 < num_vec) load_rows(next, r0, v + 32);
+      else if (r0 + k_router_staged_warps * R < rows) load_rows(next, r0 + k_router_staged_warps * R, lane);
+#pragma unroll
+      for (int t = 0; t < TT; ++t) {
+        const float4 a = router_staged_smem[2 * t * num_vec + v], b = router_staged_smem[(2 * t + 1) * num_vec + v];
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[t][r] = dot8(cur[r], a, b, acc[t][r]);
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) cur[r] = next[r];
+    }
+#pragma unroll
+    for (int t = 0; t < TT; ++t)
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float sum = warp_sum(acc[t][r]);
+        if (lane == 0 && t < n && r0 + r < rows) probs[t * stride + r0 + r] = sum;
+      }
+  }
+  __syncthreads();
+  if (warp < n)
+    route_token(probs + warp * stride, chosen_ids[warp], chosen_weights[warp], t0 + warp, num_experts, top_k,
+                norm_topk_prob, topk_ids, topk_weights, shared_gate, counts);
+}
+
 // ---- small passes: RMSNorm, router and grouping in one launch ----------------------------------------
 
 constexpr int k_router_small_warps = 8;  // a router row per warp
@@ -184,7 +264,7 @@ __global__ void __launch_bounds__(k_router_small_warps * 32)
         // L1-cached: the block's eight warps read the same rows.
         const float4* xv = reinterpret_cast<const float4*>(x + static_cast<int64_t>(t0 + t) * hidden + v * 8);
         const float4 a = __ldca(xv), b = __ldca(xv + 1);
-        sum_sq[t] += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w + b.x * b.x + b.y * b.y + b.z * b.z + b.w * b.w;
+        sum_sq[t] = sum_squares8(a, b, sum_sq[t]);
         dot[t] = dot8(wv[u], make_float4(na.x * a.x, na.y * a.y, na.z * a.z, na.w * a.w),
                       make_float4(nb.x * b.x, nb.y * b.y, nb.z * b.z, nb.w * b.w), dot[t]);
       }
@@ -194,7 +274,7 @@ __global__ void __launch_bounds__(k_router_small_warps * 32)
   for (int t = 0; t < TPB; ++t) {
     if (t >= nt) continue;
     // Every warp adds the same terms in the same order: the same inv_rms in all of them.
-    const float inv = 1.0f / sqrtf(warp_sum(sum_sq[t]) / static_cast<float>(hidden) + eps);
+    const float inv = warp_inv_rms(sum_sq[t], hidden, eps);
     const float logit = warp_sum(dot[t]) * inv;
     if (lane == 0 && row < rows) logits[(t0 + t) * rows + row] = logit;
     if (blockIdx.x == 0) {  // h = norm_weight * (x * inv_rms), as rms_norm; the block's warps take a slice each
@@ -264,19 +344,30 @@ __global__ void __launch_bounds__(k_router_small_warps * 32)
 // over the warps gives each (warp, expert) its first sorted row, and thread 0 lays out the offsets, the
 // active experts and the grouped GEMM's row tiles (tile_rows sorted rows each). Then each warp places its
 // pairs in pair order, 32 at a time (__match_any_sync ranks the lanes of equal ids): every pair is read
-// twice, whatever the number of experts. topk_ids: [num_pairs]. Dynamic shared memory: [warps][num_experts]
-// counts (then next rows), [num_experts + 1] offsets.
+// twice, whatever the number of experts: a lane's first k_align_regs ids are loaded once, all at once, and
+// kept in registers for both (up to 16384 pairs with 32 warps). topk_ids: [num_pairs]. Dynamic shared
+// memory: [warps][num_experts] counts (then next rows), [num_experts + 1] offsets.
+constexpr int k_align_regs = 16;
 __global__ void align_kernel(ExpertGroups g, const int32_t* topk_ids, int num_pairs, int num_experts, int tile_rows) {
   extern __shared__ int32_t align_smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, num_warps = blockDim.x / 32;
   int32_t* const warp_rows = align_smem;                          // [num_warps][num_experts]
   int32_t* const offsets = align_smem + num_warps * num_experts;  // [num_experts + 1]
-  wait_for_previous_kernel();
-  for (int i = tid; i < num_warps * num_experts; i += blockDim.x) warp_rows[i] = 0;
-  __syncthreads();
   const int chunk = (num_pairs + num_warps - 1) / num_warps;
   const int begin = min(num_pairs, warp * chunk), end = min(num_pairs, begin + chunk);
-  for (int p = begin + lane; p < end; p += 32) atomicAdd(&warp_rows[warp * num_experts + topk_ids[p]], 1);
+  wait_for_previous_kernel();
+  int ids[k_align_regs];  // ids[j]: pair begin + 32 j + lane, or -1 past the chunk
+#pragma unroll
+  for (int j = 0; j < k_align_regs; ++j) {
+    const int p = begin + 32 * j + lane;
+    ids[j] = p < end ? topk_ids[p] : -1;
+  }
+  for (int i = tid; i < num_warps * num_experts; i += blockDim.x) warp_rows[i] = 0;
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < k_align_regs; ++j)
+    if (ids[j] >= 0) atomicAdd(&warp_rows[warp * num_experts + ids[j]], 1);
+  for (int p = begin + 32 * k_align_regs + lane; p < end; p += 32) atomicAdd(&warp_rows[warp * num_experts + topk_ids[p]], 1);
   __syncthreads();
   for (int e = tid; e < num_experts; e += blockDim.x) {  // each warp's first row within expert e; e's count
     int run = 0;
@@ -307,16 +398,22 @@ __global__ void align_kernel(ExpertGroups g, const int32_t* topk_ids, int num_pa
   }
   __syncthreads();
   for (int e = tid; e <= num_experts; e += blockDim.x) g.expert_offsets[e] = offsets[e];
-  for (int c = begin; c < end; c += 32) {
+  // Places pairs c .. c + 31 (warp-uniform c), lane's pair c + lane of expert e (-1: none).
+  auto place = [&](int c, int e) {
     const int p = c + lane;
-    const bool in = p < end;
-    const int e = in ? topk_ids[p] : -1;
+    const bool in = e >= 0;
     const unsigned same = __match_any_sync(k_full_mask, e);  // the lanes with this lane's expert
     if (in) g.sorted_pairs[offsets[e] + warp_rows[warp * num_experts + e] + __popc(same & ((1u << lane) - 1u))] = p;
     __syncwarp();
     if (in && lane == __ffs(same) - 1) warp_rows[warp * num_experts + e] += __popc(same);
     __syncwarp();
+  };
+#pragma unroll
+  for (int j = 0; j < k_align_regs; ++j) {
+    if (begin + 32 * j >= end) break;
+    place(begin + 32 * j, ids[j]);
   }
+  for (int c = begin + 32 * k_align_regs; c < end; c += 32) place(c, c + lane < end ? topk_ids[c + lane] : -1);
 }
 
 }  // namespace
@@ -358,7 +455,15 @@ void router_topk(int32_t* topk_ids, float* topk_weights, float* shared_gate, con
                   topk_weights, shared_gate, x, w, num_tokens, hidden, num_experts, top_k, norm_topk_prob, counts);
   };
   const int sms = multiprocessors();
-  if (num_tokens >= 8 * sms) run.template operator()<8>();
+  // From 8 tokens a block on, the staged kernel where its rows fit in shared memory (two blocks an SM
+  // up to hidden 3328); MOESCOPE_CUDA_ROUTER_STAGED=0 keeps the kernel above.
+  const size_t staged_smem = (static_cast<size_t>(8) * hidden + 8 * (num_experts + 1)) * sizeof(float);
+  if (num_tokens >= 8 * sms && router_staged_allowed() && staged_smem <= 200 * 1024) {
+    allow_dynamic_smem(router_staged_kernel<8>, staged_smem);
+    launch_kernel(router_staged_kernel<8>, ceil_div(num_tokens, 8), k_router_staged_warps * 32, staged_smem, stream,
+                  topk_ids, topk_weights, shared_gate, x, w, num_tokens, hidden, num_experts, top_k, norm_topk_prob,
+                  counts);
+  } else if (num_tokens >= 8 * sms) run.template operator()<8>();
   else if (num_tokens >= 4 * sms) run.template operator()<4>();
   else if (num_tokens >= 2 * sms) run.template operator()<2>();
   else run.template operator()<1>();
