@@ -14,14 +14,30 @@ constexpr int k_threads = 128;
 __device__ __forceinline__ void store_cache(bf16* at, float v) { *at = float_to_bf16(v); }
 __device__ __forceinline__ void store_cache(float* at, float v) { *at = v; }
 
-// HF rotate_half RoPE of one pair of a head's values: (head[i], head[i + half]) rotate by pos * inv_freq[i].
-__device__ __forceinline__ void rope_pair(float* head, int i, int half, float pos, const float* inv_freq) {
+// HF rotate_half RoPE of one pair of a head's values: (head[i], head[i + half]) rotate by pos * inv_freq[i],
+// whose cosine and sine are c and s (rope_angle).
+__device__ __forceinline__ void rope_angle(float& c, float& s, int i, float pos, const float* inv_freq) {
   const float angle = pos * inv_freq[i];
-  const float c = cosf(angle), s = sinf(angle);
+  c = cosf(angle);
+  s = sinf(angle);
+}
+__device__ __forceinline__ void rope_rotate(float* head, int i, int half, float c, float s) {
   const float a = head[i], b = head[i + half];
   head[i] = a * c - b * s;
   head[i + half] = b * c + a * s;
 }
+__device__ __forceinline__ void rope_pair(float* head, int i, int half, float pos, const float* inv_freq) {
+  float c, s;
+  rope_angle(c, s, i, pos, inv_freq);
+  rope_rotate(head, i, half, c, s);
+}
+
+// Four k/v values into the cache at `at` (a multiple of 4): one 8-byte store of bf16, or 16 of f32.
+__device__ __forceinline__ void store_cache4(bf16* at, float4 v) {
+  *reinterpret_cast<uint2*>(at) = make_uint2(static_cast<uint32_t>(float_to_bf16(v.x)) | (static_cast<uint32_t>(float_to_bf16(v.y)) << 16),
+                                             static_cast<uint32_t>(float_to_bf16(v.z)) | (static_cast<uint32_t>(float_to_bf16(v.w)) << 16));
+}
+__device__ __forceinline__ void store_cache4(float* at, float4 v) { *reinterpret_cast<float4*>(at) = v; }
 
 // One block per token. Dynamic shared memory: the token's row [q_size + 2 * kv_size] f32.
 // q: [T, q_size]; k_cache, v_cache: [cache rows, kv_size]; qkv: [T, q_size + 2 * kv_size];
@@ -37,7 +53,32 @@ __global__ void __launch_bounds__(k_threads)
   const int hd = p.head_dim, q_size = p.num_heads * hd, kv_size = p.num_kv_heads * hd;
   const int width = q_size + 2 * kv_size;
   const float* src = qkv + static_cast<int64_t>(t) * width;
-  for (int i = tid; i < width; i += k_threads) row[i] = src[i] + (p.bias != nullptr ? p.bias[i] : 0.0f);
+  // hd % 4 == 0 (every head size here): the row, q and the cache rows in 16-byte pieces, a thread's loads
+  // all in flight before its first use of them.
+  const bool vec = hd % 4 == 0;
+  float4* const row4 = reinterpret_cast<float4*>(row);
+  if (vec) {
+    constexpr int U = 6;
+    const float4* src4 = reinterpret_cast<const float4*>(src);
+    const float4* bias4 = reinterpret_cast<const float4*>(p.bias);
+    for (int base = tid; base < width / 4; base += U * k_threads) {
+      float4 v[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int i = base + u * k_threads;
+        v[u] = i < width / 4 ? __ldcg(src4 + i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int i = base + u * k_threads;
+        if (i >= width / 4) break;
+        const float4 b = p.bias != nullptr ? bias4[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        row4[i] = make_float4(v[u].x + b.x, v[u].y + b.y, v[u].z + b.z, v[u].w + b.w);
+      }
+    }
+  } else {
+    for (int i = tid; i < width; i += k_threads) row[i] = src[i] + (p.bias != nullptr ? p.bias[i] : 0.0f);
+  }
   __syncthreads();
 
   if (p.qk_norm == QkNormKind::Full) {  // OLMoE: RMSNorm over the whole q (then k) projection
@@ -69,18 +110,30 @@ __global__ void __launch_bounds__(k_threads)
     __syncthreads();
   }
 
-  // HF rotate_half RoPE on every q and k head: pairs (i, i + head_dim / 2) rotate by pos * inv_freq[i].
+  // HF rotate_half RoPE on every q and k head: pairs (i, i + head_dim / 2) rotate by pos * inv_freq[i],
+  // whose cosine and sine every head of the token shares (a table of head_dim / 2, once a token).
+  __shared__ float rope_cos[128], rope_sin[128];
   const int half = hd / 2;
   const float pos = static_cast<float>(token_pos[t]);
+  for (int i = tid; i < half; i += k_threads) rope_angle(rope_cos[i], rope_sin[i], i, pos, p.rope_inv_freq);
+  __syncthreads();
   for (int idx = tid; idx < (p.num_heads + p.num_kv_heads) * half; idx += k_threads) {
     const int h = idx / half, i = idx % half;
-    rope_pair(row + (h < p.num_heads ? h * hd : q_size + (h - p.num_heads) * hd), i, half, pos, p.rope_inv_freq);
+    rope_rotate(row + (h < p.num_heads ? h * hd : q_size + (h - p.num_heads) * hd), i, half, rope_cos[i], rope_sin[i]);
   }
   __syncthreads();
 
   float* q_out = q + static_cast<int64_t>(t) * q_size;
-  for (int i = tid; i < q_size; i += k_threads) q_out[i] = row[i];
   const int64_t slot = slots[t];
+  if (vec) {
+    for (int i = tid; i < q_size / 4; i += k_threads) reinterpret_cast<float4*>(q_out)[i] = row4[i];
+    for (int i = tid; i < kv_size / 4; i += k_threads) {
+      store_cache4(k_cache + slot * kv_size + 4 * i, row4[q_size / 4 + i]);
+      store_cache4(v_cache + slot * kv_size + 4 * i, row4[(q_size + kv_size) / 4 + i]);
+    }
+    return;
+  }
+  for (int i = tid; i < q_size; i += k_threads) q_out[i] = row[i];
   for (int i = tid; i < kv_size; i += k_threads) {
     store_cache(k_cache + slot * kv_size + i, row[q_size + i]);
     store_cache(v_cache + slot * kv_size + i, row[q_size + kv_size + i]);

@@ -344,30 +344,19 @@ __global__ void __launch_bounds__(k_router_small_warps * 32)
 // over the warps gives each (warp, expert) its first sorted row, and thread 0 lays out the offsets, the
 // active experts and the grouped GEMM's row tiles (tile_rows sorted rows each). Then each warp places its
 // pairs in pair order, 32 at a time (__match_any_sync ranks the lanes of equal ids): every pair is read
-// twice, whatever the number of experts: a lane's first k_align_regs ids are loaded once, all at once, and
-// kept in registers for both (up to 16384 pairs with 32 warps). topk_ids: [num_pairs]. Dynamic shared
-// memory: [warps][num_experts] counts (then next rows), [num_experts + 1] offsets.
-constexpr int k_align_regs = 16;
+// twice, whatever the number of experts. topk_ids: [num_pairs]. Dynamic shared memory: [warps][num_experts]
+// counts (then next rows), [num_experts + 1] offsets.
 __global__ void align_kernel(ExpertGroups g, const int32_t* topk_ids, int num_pairs, int num_experts, int tile_rows) {
   extern __shared__ int32_t align_smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, num_warps = blockDim.x / 32;
   int32_t* const warp_rows = align_smem;                          // [num_warps][num_experts]
   int32_t* const offsets = align_smem + num_warps * num_experts;  // [num_experts + 1]
-  const int chunk = (num_pairs + num_warps - 1) / num_warps;
-  const int begin = min(num_pairs, warp * chunk), end = min(num_pairs, begin + chunk);
   wait_for_previous_kernel();
-  int ids[k_align_regs];  // ids[j]: pair begin + 32 j + lane, or -1 past the chunk
-#pragma unroll
-  for (int j = 0; j < k_align_regs; ++j) {
-    const int p = begin + 32 * j + lane;
-    ids[j] = p < end ? topk_ids[p] : -1;
-  }
   for (int i = tid; i < num_warps * num_experts; i += blockDim.x) warp_rows[i] = 0;
   __syncthreads();
-#pragma unroll
-  for (int j = 0; j < k_align_regs; ++j)
-    if (ids[j] >= 0) atomicAdd(&warp_rows[warp * num_experts + ids[j]], 1);
-  for (int p = begin + 32 * k_align_regs + lane; p < end; p += 32) atomicAdd(&warp_rows[warp * num_experts + topk_ids[p]], 1);
+  const int chunk = (num_pairs + num_warps - 1) / num_warps;
+  const int begin = min(num_pairs, warp * chunk), end = min(num_pairs, begin + chunk);
+  for (int p = begin + lane; p < end; p += 32) atomicAdd(&warp_rows[warp * num_experts + topk_ids[p]], 1);
   __syncthreads();
   for (int e = tid; e < num_experts; e += blockDim.x) {  // each warp's first row within expert e; e's count
     int run = 0;
@@ -398,22 +387,16 @@ __global__ void align_kernel(ExpertGroups g, const int32_t* topk_ids, int num_pa
   }
   __syncthreads();
   for (int e = tid; e <= num_experts; e += blockDim.x) g.expert_offsets[e] = offsets[e];
-  // Places pairs c .. c + 31 (warp-uniform c), lane's pair c + lane of expert e (-1: none).
-  auto place = [&](int c, int e) {
+  for (int c = begin; c < end; c += 32) {
     const int p = c + lane;
-    const bool in = e >= 0;
+    const bool in = p < end;
+    const int e = in ? topk_ids[p] : -1;
     const unsigned same = __match_any_sync(k_full_mask, e);  // the lanes with this lane's expert
     if (in) g.sorted_pairs[offsets[e] + warp_rows[warp * num_experts + e] + __popc(same & ((1u << lane) - 1u))] = p;
     __syncwarp();
     if (in && lane == __ffs(same) - 1) warp_rows[warp * num_experts + e] += __popc(same);
     __syncwarp();
-  };
-#pragma unroll
-  for (int j = 0; j < k_align_regs; ++j) {
-    if (begin + 32 * j >= end) break;
-    place(begin + 32 * j, ids[j]);
   }
-  for (int c = begin + 32 * k_align_regs; c < end; c += 32) place(c, c + lane < end ? topk_ids[c + lane] : -1);
 }
 
 }  // namespace
