@@ -475,6 +475,45 @@ BENCHMARK(BM_DenseGemm)
     ->UseManualTime()
     ->Unit(benchmark::kMicrosecond);
 
+// The router of a large pass (router_topk: logits, softmax, top-k, the shared expert's gate) at
+// Qwen1.5-MoE-A2.7B's shapes (hidden 2048, 60 experts + the shared gate row, top-4), with its activation
+// rows staged in shared memory (staged 1, from 8 tokens a block) or not (staged 0). Reports GB/s of the
+// activations read (the weights come from L2) and labels the sum of the routing weights, which is the
+// same for both.
+void BM_Router(benchmark::State& state) {
+  if (skip_without_gpu(state)) return;
+  const int tokens = static_cast<int>(state.range(0)), hidden = 2048, experts = 60, top_k = 4;
+  const bool staged = state.range(1) != 0;
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  std::vector<float> w(static_cast<size_t>(experts + 1) * hidden), x(static_cast<size_t>(tokens) * hidden);
+  for (float& v : w) v = uniform(rng) * 0.05f;
+  for (float& v : x) v = uniform(rng);
+  auto d_w = upload(to_bf16(w));
+  auto d_x = upload(x);
+  DeviceBuffer<int32_t> ids(static_cast<size_t>(tokens) * top_k);
+  DeviceBuffer<float> weights(static_cast<size_t>(tokens) * top_k), gate(static_cast<size_t>(tokens));
+  const bool before = moescope::cuda::router_staged_allowed();
+  moescope::cuda::set_router_staged_allowed(staged);
+  auto run = [&] {
+    moescope::cuda::router_topk(ids.data(), weights.data(), gate.data(), d_x.data(), d_w.data(), tokens, hidden, experts,
+                                top_k, false, nullptr);
+  };
+  run();
+  CUDA_CHECK(cudaDeviceSynchronize());
+  time_with_events(state, run);
+  moescope::cuda::set_router_staged_allowed(before);
+  const double checksum = sum_abs(weights, static_cast<size_t>(tokens) * top_k);
+  state.counters["GB/s"] = benchmark::Counter(4.0 * hidden * tokens * 1e-9 * static_cast<double>(state.iterations()),
+                                              benchmark::Counter::kIsRate);
+  state.SetLabel("sum of weights " + std::to_string(checksum) + ", " + moescope::cuda::device_description());
+}
+BENCHMARK(BM_Router)
+    ->ArgNames({"tokens", "staged"})
+    ->ArgsProduct({{2048, 8192}, {1, 0}})
+    ->UseManualTime()
+    ->Unit(benchmark::kMicrosecond);
+
 // What a grid-wide barrier of a persistent kernel costs beside the boundary between two kernels of a decode
 // pass (docs/CUDA.md, "What remains": the batch-1 step's latency-bound chain). pdl: the kernels launched
 // by programmatic dependent launch (sm_90) or plainly. One iteration: 200 barriers or kernels, medians of
