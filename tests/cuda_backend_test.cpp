@@ -569,32 +569,15 @@ TEST_F(CudaBackendTest, UnknownStageInTheTimingDiagnosticIsAClearError) {
   expect_environment_error("MOESCOPE_CUDA_TWICE", "attention,bogus", "unknown stage 'bogus'");
 }
 
-TEST_F(CudaBackendTest, BadProgrammaticLaunchSwitchIsAClearError) {
-  expect_environment_error("MOESCOPE_CUDA_PDL", "yes", "MOESCOPE_CUDA_PDL=yes: expected 0 or 1");
-}
-
-TEST_F(CudaBackendTest, BadWgmmaSwitchIsAClearError) {
-  expect_environment_error("MOESCOPE_CUDA_WGMMA", "off", "MOESCOPE_CUDA_WGMMA=off: expected 0 or 1");
-}
-
-TEST_F(CudaBackendTest, BadTailSwitchIsAClearError) {
-  expect_environment_error("MOESCOPE_CUDA_TAIL", "2", "MOESCOPE_CUDA_TAIL=2: expected 0 or 1");
-}
-
-TEST_F(CudaBackendTest, BadRouterStagedSwitchIsAClearError) {
-  expect_environment_error("MOESCOPE_CUDA_ROUTER_STAGED", "true", "MOESCOPE_CUDA_ROUTER_STAGED=true: expected 0 or 1");
-}
-
-TEST_F(CudaBackendTest, BadDenseNormSwitchIsAClearError) {
-  expect_environment_error("MOESCOPE_CUDA_DENSE_NORM", "no", "MOESCOPE_CUDA_DENSE_NORM=no: expected 0 or 1");
-}
-
-TEST_F(CudaBackendTest, BadSharedStreamSwitchIsAClearError) {
-  expect_environment_error("MOESCOPE_CUDA_SHARED_STREAM", "2", "MOESCOPE_CUDA_SHARED_STREAM=2: expected 0 or 1");
-}
-
-TEST_F(CudaBackendTest, BadProfileSwitchIsAClearError) {
-  expect_environment_error("MOESCOPE_CUDA_PROFILE", "on", "MOESCOPE_CUDA_PROFILE=on: expected 0 or 1");
+// Every 0/1 diagnostic switch takes nothing else.
+TEST_F(CudaBackendTest, BadSwitchValuesAreAClearError) {
+  const std::pair<const char*, const char*> cases[] = {
+      {"MOESCOPE_CUDA_PDL", "yes"},           {"MOESCOPE_CUDA_WGMMA", "off"},        {"MOESCOPE_CUDA_TAIL", "2"},
+      {"MOESCOPE_CUDA_ROUTER_STAGED", "true"}, {"MOESCOPE_CUDA_DENSE_NORM", "no"}, {"MOESCOPE_CUDA_SHARED_STREAM", "2"},
+      {"MOESCOPE_CUDA_PROFILE", "on"},
+  };
+  for (const auto& [name, value] : cases)
+    expect_environment_error(name, value, fmt::format("{}={}: expected 0 or 1", name, value));
 }
 
 TEST_F(CudaBackendTest, BadProfilerTokensAreAClearError) {

@@ -635,6 +635,13 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
     }
     mark("o_proj");
     const ExpertWeights& f = L.ffn;
+    // A large pass's dense group (shared expert or dense MLP) through cuBLAS on stream s:
+    // out [T, ld_out] = down(SwiGLU(gate_up(h))), through dense_gate_up and dense_act.
+    auto dense_mlp_cublas = [&](Blas& b, cudaStream_t s, float* out, int ld_out) {
+      b.gemm(p.dense_gate_up, 2 * f.dense_inter, p.h_bf16, f.dense_gate_up, T, 2 * f.dense_inter, hidden, 0.0f);
+      swiglu_bf16(p.dense_act, p.dense_gate_up, T, f.dense_inter, s);
+      b.gemm(out, ld_out, p.dense_act, f.dense_down, T, hidden, f.dense_inter, 0.0f);
+    };
     // A small pass's MoE layer norms inside its router launch; every other layer here.
     if (!(small && L.is_moe))
       for (int r = reps("post_norm"); r-- > 0;)
@@ -648,20 +655,19 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
       const int slots_l = top_k + (c.has_shared_expert() ? 1 : 0);
       unsigned long long* tally_l = p.tallies + static_cast<size_t>(moe_index) * c.num_experts;
       const ExpertCounts counts{tally_l, tally_l + tally_count};
-      // A large pass's shared expert through cuBLAS (not in the grouped launches) runs on the side stream,
-      // issued first: it needs only the normed rows, and its products are compute-bound where the routed
-      // experts' grouped GEMMs are bound by memory, so its blocks fill what the router, the grouping and the
-      // grouped launches leave of the GPU. Its slot of ffn_out is its own; the join comes before the fold.
-      const bool side_work = !small && side_stream != nullptr && f.dense_gate_up != nullptr &&
-                             !grouped_takes_dense(T, c.num_experts, top_k);
+      // The shared expert of a large pass: in the grouped launches for decode batches, else through cuBLAS.
+      const bool dense_grouped = f.dense_gate_up != nullptr && grouped_takes_dense(T, c.num_experts, top_k);
+      const bool cublas_shared = !small && f.dense_gate_up != nullptr && !dense_grouped;
+      float* const shared_slot = p.ffn_out + static_cast<size_t>(top_k) * hidden;
+      // Through cuBLAS it runs on the side stream, issued first: it needs only the normed rows, and its
+      // products are compute-bound where the routed experts' grouped GEMMs are bound by memory, so its
+      // blocks fill what the router, the grouping and the grouped launches leave of the GPU. Its slot of
+      // ffn_out is its own; the join comes before the fold.
+      const bool side_work = cublas_shared && side_stream != nullptr;
       if (side_work) {
         CUDA_CHECK(cudaEventRecord(fork_event, stream));
         CUDA_CHECK(cudaStreamWaitEvent(side_stream, fork_event));
-        side_blas->gemm(p.dense_gate_up, 2 * f.dense_inter, p.h_bf16, f.dense_gate_up, T, 2 * f.dense_inter, hidden,
-                        0.0f);
-        swiglu_bf16(p.dense_act, p.dense_gate_up, T, f.dense_inter, side_stream);
-        side_blas->gemm(p.ffn_out + static_cast<size_t>(top_k) * hidden, slots_l * hidden, p.dense_act, f.dense_down,
-                        T, hidden, f.dense_inter, 0.0f);
+        dense_mlp_cublas(*side_blas, side_stream, shared_slot, slots_l * hidden);
         CUDA_CHECK(cudaEventRecord(join_event, side_stream));
       }
       for (int r = reps("router_topk"); r-- > 0;) {                                            // routes -> pass buffer
@@ -687,8 +693,6 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
                              stream);                                                          // experts + shared
         mark("experts_down (+shared)");
       } else {
-        // The shared expert: in the grouped launches for decode batches, else through cuBLAS.
-        const bool dense_grouped = f.dense_gate_up != nullptr && grouped_takes_dense(T, c.num_experts, top_k);
         for (int r = reps("experts_gate_up"); r-- > 0;)
           experts_gate_up_grouped(p.hb, p.h_bf16, f, groups, T, hidden, c.num_experts, top_k, stream,
                                   dense_grouped ? p.dense_act : Bf16Pair{});
@@ -698,11 +702,8 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
                                dense_grouped ? ConstBf16Pair(p.dense_act) : ConstBf16Pair{});
         mark(dense_grouped ? "experts_down (+shared)" : "experts_down");
         if (side_work) CUDA_CHECK(cudaStreamWaitEvent(stream, join_event));  // the shared expert's slot
-        if (f.dense_gate_up != nullptr && !dense_grouped && !side_work) {                        // shared expert
-          blas.gemm(p.dense_gate_up, 2 * f.dense_inter, p.h_bf16, f.dense_gate_up, T, 2 * f.dense_inter, hidden, 0.0f);
-          swiglu_bf16(p.dense_act, p.dense_gate_up, T, f.dense_inter, stream);
-          blas.gemm(p.ffn_out + static_cast<size_t>(top_k) * hidden, slots_l * hidden, p.dense_act, f.dense_down, T,
-                    hidden, f.dense_inter, 0.0f);
+        if (cublas_shared && !side_work) {                                                       // shared expert
+          dense_mlp_cublas(blas, stream, shared_slot, slots_l * hidden);
           mark("shared_expert");
         }
       }
@@ -713,9 +714,7 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
         experts_gate_up_small(p.h_small, ld_h, p.h, f, groups, T, hidden, 0, 0, stream);
         experts_down_small(p.ffn_out, 1, p.h_small, ld_h, nullptr, f, groups, T, hidden, 0, 0, stream);
       } else {
-        blas.gemm(p.dense_gate_up, 2 * f.dense_inter, p.h_bf16, f.dense_gate_up, T, 2 * f.dense_inter, hidden, 0.0f);
-        swiglu_bf16(p.dense_act, p.dense_gate_up, T, f.dense_inter, stream);
-        blas.gemm(p.ffn_out, hidden, p.dense_act, f.dense_down, T, hidden, f.dense_inter, 0.0f);
+        dense_mlp_cublas(blas, stream, p.ffn_out, hidden);
       }
       mark("dense_mlp");
       pending = {p.ffn_out, 1, nullptr};
