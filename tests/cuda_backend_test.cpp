@@ -574,6 +574,7 @@ TEST_F(CudaBackendTest, BadSwitchValuesAreAClearError) {
   const std::pair<const char*, const char*> cases[] = {
       {"MOESCOPE_CUDA_PDL", "yes"},           {"MOESCOPE_CUDA_WGMMA", "off"},        {"MOESCOPE_CUDA_TAIL", "2"},
       {"MOESCOPE_CUDA_ROUTER_STAGED", "true"}, {"MOESCOPE_CUDA_DENSE_NORM", "no"}, {"MOESCOPE_CUDA_SHARED_STREAM", "2"},
+      {"MOESCOPE_CUDA_SHARED_GROUPED", "-1"}, {"MOESCOPE_CUDA_DOWN_FOLD", "x"},
       {"MOESCOPE_CUDA_PROFILE", "on"},
   };
   for (const auto& [name, value] : cases)

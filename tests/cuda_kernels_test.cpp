@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -61,6 +62,27 @@ TEST_F(CudaKernels, GemvMatchesCpuMatmul) {
     std::vector<float> ref_acc(ref.size());
     for (size_t i = 0; i < ref.size(); ++i) ref_acc[i] = y0[i] + ref[i];
     expect_close("  ... accumulate", to_host(d_acc, ref.size()), ref_acc, k_f32_tol);
+  }
+}
+
+// One token's product with its RMSNorm inside (gemv_normed: a decode step of one sequence runs no norm
+// kernel before q/k/v) against the CPU's rms_norm then matmul.
+TEST_F(CudaKernels, GemvNormedMatchesCpuNormThenMatmul) {
+  std::mt19937 rng(21);
+  struct Case { int n, k; };
+  for (const Case& cs : {Case{6144, 2048}, Case{300, 1408}, Case{77, 64}, Case{5, 136}}) {
+    const Bf16Tensor w = random_bf16({cs.n, cs.k}, rng, 1.0f / std::sqrt(static_cast<float>(cs.k)));
+    const Bf16Tensor norm_weight = random_bf16({cs.k}, rng, 0.1f, 1.0f);
+    const std::vector<float> x = random_f32(static_cast<size_t>(cs.k), rng, 3.0f);
+    std::vector<float> normed(x.size()), ref(static_cast<size_t>(cs.n));
+    cpu::rms_norm(normed.data(), x.data(), 1, cs.k, norm_weight.view, 1e-6f);
+    cpu::matmul(ref.data(), normed.data(), 1, w.view);
+    auto d_w = to_device(w.bits);
+    auto d_norm = to_device(norm_weight.widened());
+    auto d_x = to_device(x);
+    auto d_y = test::poisoned(ref.size());
+    cuda::gemv_normed(d_y.data(), d_x.data(), d_norm.data(), 1e-6f, d_w.data(), cs.n, cs.k, nullptr);
+    expect_close(fmt::format("gemv_normed n={} k={}", cs.n, cs.k), to_host(d_y, ref.size()), ref, k_f32_tol);
   }
 }
 
@@ -504,7 +526,9 @@ struct MoeRun {
 // activations, and large passes with --matmul-precision high (hi + lo terms).
 enum class MoePath { Small, Large, LargeHigh };
 
-MoeRun run_moe_on_gpu(const MoeCase& cs, const MoeWeights& mw, const std::vector<float>& x, MoePath path) {
+// shared_grouped: the shared expert in the grouped launches whatever the tiles (MOESCOPE_CUDA_SHARED_GROUPED=1).
+MoeRun run_moe_on_gpu(const MoeCase& cs, const MoeWeights& mw, const std::vector<float>& x, MoePath path,
+                      bool shared_grouped = false) {
   const bool small = path == MoePath::Small, high = path == MoePath::LargeHigh;
   const int T = cs.tokens, H = cs.hidden, P = T * cs.top_k;
   const bool shared = cs.shared_inter > 0;
@@ -536,7 +560,7 @@ MoeRun run_moe_on_gpu(const MoeCase& cs, const MoeWeights& mw, const std::vector
     DeviceBuffer<uint16_t> act_mem(static_cast<size_t>(T) * cs.shared_inter * 2);
     const cuda::Bf16Pair act{act_mem.data(), high ? act_mem.data() + static_cast<size_t>(T) * cs.shared_inter : nullptr};
     // As the backend: the shared expert in the grouped launches for decode-sized passes, else cuBLAS.
-    const bool dense_grouped = shared && cuda::grouped_takes_dense(T, cs.experts, cs.top_k);
+    const bool dense_grouped = shared && (shared_grouped || cuda::grouped_takes_dense(T, cs.experts, cs.top_k));
     cuda::experts_gate_up_grouped(hb, xb, ew, groups, T, H, cs.experts, cs.top_k, nullptr,
                                   dense_grouped ? act : cuda::Bf16Pair{});
     cuda::experts_down_grouped(d_ffn.data(), slots, hb, d_wts.data(), ew, groups, T, H, cs.experts, cs.top_k, nullptr,
@@ -592,6 +616,10 @@ void check_moe(const MoeCase& cs, MoePath path, std::mt19937& rng) {
     cuda::set_expert_tails_allowed(true);
     check_moe_run(cs, path, runs.back(), sink, ref, setting.label);
   }
+  // Prefill-sized passes may take the shared expert into the grouped launches too, its tiles spread among
+  // the routed ones (MOESCOPE_CUDA_SHARED_GROUPED=1): against the CPU as well.
+  if (path != MoePath::Small && cs.shared_inter > 0 && !cuda::grouped_takes_dense(cs.tokens, cs.experts, cs.top_k))
+    check_moe_run(cs, path, run_moe_on_gpu(cs, mw, x, path, true), sink, ref, " (shared expert in the grouped launches)");
   if (runs.size() == 3) {
     EXPECT_EQ(std::memcmp(runs[0].out.data(), runs[1].out.data(), runs[0].out.size() * sizeof(float)), 0)
         << "T=" << cs.tokens << ": wgmma with and without tails differ";
@@ -622,6 +650,64 @@ void check_moe_run(const MoeCase& cs, MoePath path, const MoeRun& got, const tes
     }
   EXPECT_EQ(differing, 0) << label << ": routes differ from the CPU's";
   expect_close(label, got.out, ref, path == MoePath::Small ? 1e-5 : path == MoePath::Large ? k_bf16_tol : k_split_tol);
+}
+
+// One token's down projections folded into the residual by the down kernel (experts_down_fold) against
+// down_small_kernel's slots folded by rms_norm: x equal to the bit. Routed experts with a gated shared
+// expert (at the real shapes too), top-6 (two rounds of the kernel's four experts at once), no shared
+// expert, and the dense MLP alone (top_k 0).
+TEST_F(CudaKernels, DownFoldAddsTheSlotsAsTheNormsFoldToTheBit) {
+  std::mt19937 rng(23);
+  struct Case {
+    MoeCase moe;
+    bool dense_alone;
+  };
+  for (const Case& c : {Case{MoeCase{1, 256, 16, 4, 64, 96, false}, false}, Case{MoeCase{1, 2048, 60, 4, 1408, 5632, true}, false},
+                        Case{MoeCase{1, 192, 12, 6, 48, 64, true}, false}, Case{MoeCase{1, 128, 8, 2, 40, 0, true}, false},
+                        Case{MoeCase{1, 256, 4, 2, 64, 96, false}, true}}) {
+    const MoeCase& cs = c.moe;
+    const MoeWeights mw(cs, rng);
+    cuda::ExpertWeights ew = mw.device_view(cs);
+    const int top_k = c.dense_alone ? 0 : cs.top_k, experts = c.dense_alone ? 0 : cs.experts;
+    if (c.dense_alone) ew.gate_up = ew.down = nullptr, ew.inter = 0;
+    const bool shared = ew.dense_down != nullptr;
+    const int hidden = cs.hidden, slots = top_k + (shared ? 1 : 0);
+    const int ld_h = (std::max(cs.inter, cs.shared_inter) + 7) / 8 * 8;
+    // Distinct experts for the one token, routing weights and the shared expert's gate.
+    std::vector<int32_t> ids(static_cast<size_t>(cs.experts));
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    ids.resize(static_cast<size_t>(top_k));
+    std::vector<float> weights = random_f32(static_cast<size_t>(top_k), rng, 0.3f);
+    auto d_ids = to_device(ids.empty() ? std::vector<int32_t>{0} : ids);
+    auto d_wts = to_device(weights.empty() ? std::vector<float>{0.0f} : weights);
+    auto d_gate = to_device(std::vector<float>{0.37f});
+    auto d_h = to_device(random_f32(static_cast<size_t>(top_k + 1) * ld_h, rng));
+    const std::vector<float> x = random_f32(static_cast<size_t>(hidden), rng, 2.0f);
+    DeviceBuffer<int32_t> groups_mem(static_cast<size_t>(cuda::expert_groups_ints(std::max(top_k, 1), cs.experts)));
+    const cuda::ExpertGroups groups = cuda::carve_expert_groups(groups_mem.data(), std::max(top_k, 1), cs.experts);
+    if (top_k > 0) cuda::align_by_expert(groups, d_ids.data(), top_k, cs.experts, nullptr);
+    // The slots, then rms_norm's fold.
+    auto d_ffn = test::poisoned(static_cast<size_t>(slots) * hidden);
+    cuda::experts_down_small(d_ffn.data(), slots, d_h.data(), ld_h, d_wts.data(), ew, groups, 1, hidden, experts, top_k,
+                             nullptr);
+    auto x_slots = to_device(x);
+    auto ones = to_device(std::vector<float>(static_cast<size_t>(hidden), 1.0f));
+    DeviceBuffer<float> normed(static_cast<size_t>(hidden));
+    cuda::rms_norm(normed.data(), nullptr, x_slots.data(), nullptr, 1, hidden, ones.data(), 1e-6f,
+                   {d_ffn.data(), slots, shared && !c.dense_alone ? d_gate.data() : nullptr}, nullptr);
+    // The fold in the down kernel.
+    auto x_fold = to_device(x);
+    cuda::experts_down_fold(x_fold.data(), d_h.data(), ld_h, d_ids.data(), d_wts.data(),
+                            shared && !c.dense_alone ? d_gate.data() : nullptr, ew, hidden, top_k, nullptr);
+    const auto a = to_host(x_slots, static_cast<size_t>(hidden)), b = to_host(x_fold, static_cast<size_t>(hidden));
+    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0)
+        << "hidden " << hidden << " top_k " << top_k << " shared " << shared;
+    double moved = 0.0;  // the fold did add something
+    for (int i = 0; i < hidden; ++i) moved = std::max(moved, static_cast<double>(std::fabs(b[i] - x[i])));
+    EXPECT_GT(moved, 0.0);
+  }
+  std::printf("  one token's down projections folded into x by the down kernel: rms_norm's fold of the slots to the bit\n");
 }
 
 // The small gate/up kernel's dense group norming the residual itself (DenseNorm, one or two tokens: it
@@ -679,7 +765,8 @@ TEST_F(CudaKernels, MoeBlockSmallPathMatchesCpuMoe) {
 // per expert: 128-row tiles, two per expert), then 540 and 2048 tokens whose experts mostly end 1 to 32
 // rows past a full tile (the wgmma kernel's tails, WgmmaGemm::TAIL). A shared expert goes into the grouped launches with 64-row
 // tiles (cuda::grouped_takes_dense: 37, 130, 64 and 512 tokens, the last 2 of 130 in a tile of their own)
-// and through cuBLAS with 128-row tiles (500, 600 and 1000 tokens).
+// and through cuBLAS with 128-row tiles (500, 600 and 1000 tokens), and those three again with the shared
+// expert's tiles spread among the routed ones in the grouped launches.
 const std::vector<MoeCase>& large_path_cases() {
   static const std::vector<MoeCase> cases = {
       // 64-row tiles: 9, 50 pairs per expert on average

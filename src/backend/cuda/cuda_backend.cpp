@@ -230,6 +230,9 @@ struct CudaBackend::Impl {
   // `stream` after the post-attention norm and joins it after the routed experts' down products, with a
   // cuBLAS handle of its own. MOESCOPE_CUDA_SHARED_STREAM=0 keeps it on `stream`.
   bool shared_stream_on = switch_from_env("MOESCOPE_CUDA_SHARED_STREAM");
+  // Prefill passes' shared expert as dense tiles of the routed experts' grouped launches, spread among
+  // their tiles (MOESCOPE_CUDA_SHARED_GROUPED=1), instead of through cuBLAS.
+  bool shared_grouped_on = switch_from_env("MOESCOPE_CUDA_SHARED_GROUPED", false);
   cudaStream_t side_stream = nullptr;
   cudaEvent_t fork_event = nullptr, join_event = nullptr;
   std::unique_ptr<Blas> side_blas;
@@ -599,6 +602,9 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
   embed(p.x, embed_tokens, d_token_ids, T, hidden, stream);                                   // embeddings
   mark("embed");
   FfnFold pending;  // the previous layer's feed-forward output, added by the next RMSNorm
+  // One token (a decode step of one sequence): the down kernel adds the feed-forward output into x itself
+  // and the q/k/v product norms x, so the input RMSNorm has no kernel of its own (down_fold_allowed).
+  const bool fold_in_down = small && T == 1 && down_fold_allowed();
   int moe_index = 0;
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     const DeviceLayer& L = layers[l];
@@ -607,12 +613,14 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
       if (options.kv_cache_f32) f(k_cache32.data() + l * layer_cache, v_cache32.data() + l * layer_cache);
       else f(k_cache.data() + l * layer_cache, v_cache.data() + l * layer_cache);
     };
-    for (int r = reps("input_norm"); r-- > 0;)
-      rms_norm(small ? p.h : nullptr, small ? Bf16Pair{} : p.h_bf16, p.x, nullptr, T, hidden, L.input_layernorm,
-               c.rms_norm_eps, pending, stream);                                               // residual += ffn; pre-norm
+    if (!fold_in_down)
+      for (int r = reps("input_norm"); r-- > 0;)
+        rms_norm(small ? p.h : nullptr, small ? Bf16Pair{} : p.h_bf16, p.x, nullptr, T, hidden, L.input_layernorm,
+                 c.rms_norm_eps, pending, stream);                                             // residual += ffn; pre-norm
     mark("input_norm");
     for (int r = reps("qkv_proj"); r-- > 0;) {
-      if (small) gemv(p.qkv, qkv_width, p.h, L.qkv, T, qkv_width, hidden, false, stream);     // q, k, v
+      if (fold_in_down) gemv_normed(p.qkv, p.x, L.input_layernorm, c.rms_norm_eps, L.qkv, qkv_width, hidden, stream);
+      else if (small) gemv(p.qkv, qkv_width, p.h, L.qkv, T, qkv_width, hidden, false, stream);  // q, k, v
       else blas.gemm(p.qkv, qkv_width, p.h_bf16, L.qkv, T, qkv_width, hidden, 0.0f);
     }
     mark("qkv_proj");
@@ -656,7 +664,8 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
       unsigned long long* tally_l = p.tallies + static_cast<size_t>(moe_index) * c.num_experts;
       const ExpertCounts counts{tally_l, tally_l + tally_count};
       // The shared expert of a large pass: in the grouped launches for decode batches, else through cuBLAS.
-      const bool dense_grouped = f.dense_gate_up != nullptr && grouped_takes_dense(T, c.num_experts, top_k);
+      const bool dense_grouped =
+          f.dense_gate_up != nullptr && !small && (shared_grouped_on || grouped_takes_dense(T, c.num_experts, top_k));
       const bool cublas_shared = !small && f.dense_gate_up != nullptr && !dense_grouped;
       float* const shared_slot = p.ffn_out + static_cast<size_t>(top_k) * hidden;
       // Through cuBLAS it runs on the side stream, issued first: it needs only the normed rows, and its
@@ -688,9 +697,13 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
                                 dense_norm_allowed() ? DenseNorm{p.x, L.post_attention_layernorm, c.rms_norm_eps}
                                                      : DenseNorm{});  // the shared expert beside the router
         mark("experts_gate_up (+shared)");
-        for (int r = reps("experts_down"); r-- > 0;)
-          experts_down_small(p.ffn_out, slots_l, p.h_small, ld_h, weights_l, f, groups, T, hidden, c.num_experts, top_k,
-                             stream);                                                          // experts + shared
+        for (int r = reps("experts_down"); r-- > 0;) {
+          if (fold_in_down)  // x += experts + shared
+            experts_down_fold(p.x, p.h_small, ld_h, ids, weights_l, shared_gate, f, hidden, top_k, stream);
+          else
+            experts_down_small(p.ffn_out, slots_l, p.h_small, ld_h, weights_l, f, groups, T, hidden, c.num_experts,
+                               top_k, stream);                                                 // experts + shared
+        }
         mark("experts_down (+shared)");
       } else {
         for (int r = reps("experts_gate_up"); r-- > 0;)
@@ -707,17 +720,18 @@ void CudaBackend::Impl::run_layers(const PassBuffers& p, const PassShape& sh) {
           mark("shared_expert");
         }
       }
-      pending = {p.ffn_out, slots_l, shared_gate};
+      pending = fold_in_down ? FfnFold{} : FfnFold{p.ffn_out, slots_l, shared_gate};
       ++moe_index;
     } else {  // dense SwiGLU MLP: the dense group alone, into slot 0
       if (small) {
         experts_gate_up_small(p.h_small, ld_h, p.h, f, groups, T, hidden, 0, 0, stream);
-        experts_down_small(p.ffn_out, 1, p.h_small, ld_h, nullptr, f, groups, T, hidden, 0, 0, stream);
+        if (fold_in_down) experts_down_fold(p.x, p.h_small, ld_h, nullptr, nullptr, nullptr, f, hidden, 0, stream);
+        else experts_down_small(p.ffn_out, 1, p.h_small, ld_h, nullptr, f, groups, T, hidden, 0, 0, stream);
       } else {
         dense_mlp_cublas(blas, stream, p.ffn_out, hidden);
       }
       mark("dense_mlp");
-      pending = {p.ffn_out, 1, nullptr};
+      pending = fold_in_down ? FfnFold{} : FfnFold{p.ffn_out, 1, nullptr};
     }
   }
   rms_norm(p.h_last, sh.small_head ? Bf16Pair{} : p.h_last_bf16, p.x, d_last_rows, S, hidden, norm, c.rms_norm_eps,
@@ -964,6 +978,7 @@ CudaBackend::CudaBackend(std::shared_ptr<const ModelWeights> weights, CudaBacken
   set_expert_tails_allowed(switch_from_env("MOESCOPE_CUDA_TAIL"));  // an expert's last rows with its full tile
   set_router_staged_allowed(switch_from_env("MOESCOPE_CUDA_ROUTER_STAGED"));  // x in shared memory
   set_dense_norm_allowed(switch_from_env("MOESCOPE_CUDA_DENSE_NORM"));  // shared expert beside router_small
+  set_down_fold_allowed(switch_from_env("MOESCOPE_CUDA_DOWN_FOLD", false));  // one token: no input norm kernel
   wgmma_available();
   CUDA_CHECK(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking));
   m.blas_handle = std::make_unique<Blas>();

@@ -12,6 +12,7 @@ bool g_wgmma_allowed = true;
 bool g_expert_tails_allowed = true;
 bool g_router_staged_allowed = true;
 bool g_dense_norm_allowed = true;
+bool g_down_fold_allowed = false;
 }  // namespace
 
 void set_programmatic_launch(bool on) { g_programmatic_launch = on; }
@@ -24,6 +25,8 @@ void set_router_staged_allowed(bool on) { g_router_staged_allowed = on; }
 bool router_staged_allowed() { return g_router_staged_allowed; }
 void set_dense_norm_allowed(bool on) { g_dense_norm_allowed = on; }
 bool dense_norm_allowed() { return g_dense_norm_allowed; }
+void set_down_fold_allowed(bool on) { g_down_fold_allowed = on; }
+bool down_fold_allowed() { return g_down_fold_allowed; }
 
 bool device_available(std::string* why) {
   int count = 0;

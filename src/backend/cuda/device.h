@@ -65,4 +65,11 @@ bool router_staged_allowed();
 void set_dense_norm_allowed(bool on);
 bool dense_norm_allowed();
 
+// A decode step of one sequence folds the feed-forward output into the residual in the down kernel
+// (experts_down_fold) and norms it inside the next q/k/v product (gemv_normed), so that no RMSNorm kernel
+// runs before the product: MOESCOPE_CUDA_DOWN_FOLD=1 (off by default until measured on a GPU: 0 keeps the
+// slots, the norm kernel and the plain product).
+void set_down_fold_allowed(bool on);
+bool down_fold_allowed();
+
 }  // namespace moescope::cuda

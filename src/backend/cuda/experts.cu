@@ -189,6 +189,48 @@ __global__ void __launch_bounds__(k_small_warps * 32)
   }
 }
 
+// One token (experts_down_fold): warp n takes output element n of every slot. The dense group's row first
+// (its weights load before the wait), then the routed experts' rows k_fold_experts at a time with their
+// loads in flight together (warp_dot_pairs, the same sums as down_small_kernel's warp_dot_rows<1, 1>),
+// then x[n] += the slots in rms_norm's fold order: block_out = fma(scale, slot, block_out) from 0 over the
+// slots, x + block_out. The routed slot is weight x sum rounded on its own (__fmul_rn: not contracted
+// into the fold's fma), as down_small_kernel stores it.
+constexpr int k_fold_experts = 4;
+__global__ void __launch_bounds__(k_small_warps * 32)
+    down_fold_kernel(float* x, const float* h, int ld_h, const int32_t* topk_ids, const float* topk_weights,
+                     const float* shared_gate, ExpertWeights w, int hidden, int top_k) {
+  const int lane = threadIdx.x & 31, n = blockIdx.x * k_small_warps + (threadIdx.x >> 5);
+  if (n >= hidden) return;  // no block barriers below
+  float dense = 0.0f;
+  if (w.dense_down != nullptr) {
+    const bf16* rows[1] = {w.dense_down + static_cast<int64_t>(n) * w.dense_inter};
+    const float* hs[1] = {h + static_cast<int64_t>(top_k) * ld_h};
+    float acc[1][1];
+    warp_dot_rows<1, 1, true>(acc, rows, hs, 1, w.dense_inter);  // waits for the previous kernel inside
+    dense = acc[0][0];
+  } else {
+    wait_for_previous_kernel();
+  }
+  float block_out = 0.0f;
+  for (int j0 = 0; j0 < top_k; j0 += k_fold_experts) {
+    const bf16* rows[k_fold_experts];
+    const float* hs[k_fold_experts];
+#pragma unroll
+    for (int j = 0; j < k_fold_experts; ++j) {
+      const int jj = min(j0 + j, top_k - 1);
+      rows[j] = w.down + (static_cast<int64_t>(topk_ids[jj]) * hidden + n) * w.inter;
+      hs[j] = h + static_cast<int64_t>(jj) * ld_h;
+    }
+    float acc[k_fold_experts];
+    warp_dot_pairs<k_fold_experts>(acc, rows, hs, min(k_fold_experts, top_k - j0), w.inter);
+#pragma unroll
+    for (int j = 0; j < k_fold_experts; ++j)
+      if (j0 + j < top_k) block_out = fmaf(1.0f, __fmul_rn(topk_weights[j0 + j], acc[j]), block_out);
+  }
+  if (w.dense_down != nullptr) block_out = fmaf(shared_gate != nullptr ? shared_gate[0] : 1.0f, dense, block_out);
+  if (lane == 0) x[n] = x[n] + block_out;
+}
+
 // ---- large passes: grouped GEMM on the tensor cores ----------------------------------------------------
 //
 // A CTA computes one row tile of align_by_expert (BM sorted rows of one expert) against 64 gate columns
@@ -243,12 +285,16 @@ struct DenseTiles {
   ConstBf16Pair a;   // down: [tokens, dense_inter] in
   int tokens = 0;
   int blocks = 0;    // ceil(tokens / BM) x ceil(N / BN)
+  // Prefill tiles: the dense tiles spread evenly through the grid instead of first, so that the SMs run
+  // its compute-bound tiles beside the routed ones, which are bound by memory.
+  bool spread = false;
 };
 
 // A grouped-GEMM CTA's tile: sorted rows row0 .. row0 + rows - 1 (1..BM) against output columns n0 ..,
 // of the group whose weights are b (gate/up or down) with intermediate size inter. 1-D grid: dense.blocks
-// dense tiles first (row tile fastest), then max_tiles x ceil(N / BN) routed ones (tile fastest). False
-// when the block has no work: a routed tile past *num_tiles, or columns past the output's.
+// dense tiles (row tile fastest) and max_tiles x ceil(N / BN) routed ones (tile fastest), the dense ones
+// first or, with dense.spread, block b dense where floor((b + 1) D / G) steps up (D dense blocks of G).
+// False when the block has no work: a routed tile past *num_tiles, or columns past the output's.
 struct GemmTile {
   bool dense;
   int row0, rows, n0, inter;
@@ -261,16 +307,24 @@ template <bool GATED>
 __device__ __forceinline__ bool find_gemm_tile(GemmTile& t, int block, int bm, int bn, const ExpertWeights& w,
                                                const ExpertGroups& groups, const DenseTiles& dense, int hidden,
                                                int max_tiles, int tail = 0) {
+  int dense_index = block, routed_index = block - dense.blocks;
   t.dense = block < dense.blocks;
+  if (dense.spread) {
+    const int64_t d = dense.blocks, g = gridDim.x;
+    const int before = static_cast<int>(block * d / g), through = static_cast<int>((block + 1) * d / g);
+    t.dense = through > before;
+    dense_index = before;
+    routed_index = block - through;
+  }
   if (t.dense) {
     const int row_tiles = (dense.tokens + bm - 1) / bm;
-    t.row0 = (block % row_tiles) * bm;
+    t.row0 = (dense_index % row_tiles) * bm;
     t.rows = min(bm, dense.tokens - t.row0);
-    t.n0 = (block / row_tiles) * bn;
+    t.n0 = (dense_index / row_tiles) * bn;
     t.inter = w.dense_inter;
     t.b = GATED ? w.dense_gate_up : w.dense_down;
   } else {
-    const int b = block - dense.blocks, tile = b % max_tiles;
+    const int b = routed_index, tile = b % max_tiles;
     if (tile >= *groups.num_tiles) return false;
     const int e = groups.tile_expert[tile];
     t.row0 = groups.tile_row[tile];
@@ -288,8 +342,8 @@ __device__ __forceinline__ bool find_gemm_tile(GemmTile& t, int block, int bm, i
 // GATED: hb[s, n] = silu(a[s] . gate[n]) * (a[s] . up[n]), a = xb rows gathered by token, n < inter.
 // else:  ffn_out[t, j, n] = topk_weights[pair] * (hb[s] . down[n]), n < hidden, pair = sorted_pairs[s].
 // SPLIT: a is a_src.hi + a_src.lo, each term a product of its own into the same accumulators (and
-// hb.lo receives the output's lo term). 1-D grid: dense.blocks dense tiles first (row tile fastest),
-// then max_tiles x ceil(N / BN) routed ones (tile fastest); tiles past *num_tiles exit.
+// hb.lo receives the output's lo term). 1-D grid: dense.blocks dense tiles (row tile fastest) and
+// max_tiles x ceil(N / BN) routed ones (tile fastest), in find_gemm_tile's order; tiles past *num_tiles exit.
 // Dynamic shared memory: Cfg::SMEM_BYTES, per stage [NA][BM][BKP] activations then [NB * BN][BKP] weights.
 template <bool GATED, bool SPLIT, class Cfg>
 __global__ void __launch_bounds__(Cfg::THREADS)
@@ -500,8 +554,8 @@ using WgmmaPrefill = WgmmaGemm<2, 4, 32>;
 
 // As grouped_gemm_kernel (GATED: hb[s, n] = silu(a[s] . gate[n]) * (a[s] . up[n]); else ffn_out[t, j, n] =
 // topk_weights[pair] * (hb[s] . down[n]); the dense group as there). 1-D grid: dense.blocks dense tiles
-// first (row tile fastest), then max_tiles x ceil(N / columns) routed ones (tile fastest); tiles past
-// *num_tiles exit. Dynamic shared memory: Cfg::SMEM_BYTES. tail: Cfg::TAIL, or 0 (MOESCOPE_CUDA_TAIL=0).
+// (row tile fastest) and max_tiles x ceil(N / columns) routed ones (tile fastest), in find_gemm_tile's
+// order; tiles past *num_tiles exit. Dynamic shared memory: Cfg::SMEM_BYTES. tail: Cfg::TAIL, or 0 (MOESCOPE_CUDA_TAIL=0).
 template <bool GATED, class Cfg>
 __global__ void __launch_bounds__(Cfg::THREADS, 1)
     grouped_gemm_wgmma_kernel(bf16* hb, float* ffn_out, int num_slots, const bf16* a_src, const float* topk_weights,
@@ -862,6 +916,16 @@ void experts_down_small(float* ffn_out, int num_slots, const float* h, int ld_h,
   CUDA_CHECK_LAUNCH();
 }
 
+void experts_down_fold(float* x, const float* h, int ld_h, const int32_t* topk_ids, const float* topk_weights,
+                       const float* shared_gate, const ExpertWeights& w, int hidden, int top_k, cudaStream_t stream) {
+  if ((top_k > 0 && w.inter % 8 != 0) || (w.dense_down != nullptr && w.dense_inter % 8 != 0))
+    argument_error("experts_down_fold", "intermediate sizes must be multiples of 8");
+  if (top_k == 0 && w.dense_down == nullptr) return;
+  launch_kernel(down_fold_kernel, ceil_div(hidden, k_small_warps), k_small_warps * 32, 0, stream, x, h, ld_h, topk_ids,
+                topk_weights, shared_gate, w, hidden, top_k);
+  CUDA_CHECK_LAUNCH();
+}
+
 void experts_gate_up_grouped(Bf16Pair hb, ConstBf16Pair xb, const ExpertWeights& w, const ExpertGroups& groups,
                              int num_tokens, int hidden, int num_experts, int top_k, cudaStream_t stream,
                              Bf16Pair dense_hb) {
@@ -872,7 +936,8 @@ void experts_gate_up_grouped(Bf16Pair hb, ConstBf16Pair xb, const ExpertWeights&
   if ((xb.lo == nullptr) != (hb.lo == nullptr) || (with_dense && (xb.lo == nullptr) != (dense_hb.lo == nullptr)))
     argument_error("experts_gate_up_grouped", "the input and the outputs have a lo term together or not at all");
   if (with_dense && w.dense_gate_up == nullptr) argument_error("experts_gate_up_grouped", "a dense output without dense weights");
-  const DenseTiles dense{dense_hb, {}, with_dense ? num_tokens : 0, 0};
+  DenseTiles dense{dense_hb, {}, with_dense ? num_tokens : 0, 0};
+  dense.spread = expert_tile_rows(num_pairs, num_experts) == k_expert_tile_rows_large;
   if (xb.lo != nullptr)
     dispatch_grouped_gemm<true, true>(num_pairs, num_experts, stream, hb, nullptr, 0, xb, nullptr, w, groups, hidden,
                                       top_k, dense);
@@ -892,7 +957,8 @@ void experts_down_grouped(float* ffn_out, int num_slots, ConstBf16Pair hb, const
   if (with_dense && ((hb.lo == nullptr) != (dense_hb.lo == nullptr)))
     argument_error("experts_down_grouped", "the routed and the dense inputs have a lo term together or not at all");
   if (with_dense && w.dense_down == nullptr) argument_error("experts_down_grouped", "a dense input without dense weights");
-  const DenseTiles dense{{}, dense_hb, with_dense ? num_tokens : 0, 0};
+  DenseTiles dense{{}, dense_hb, with_dense ? num_tokens : 0, 0};
+  dense.spread = expert_tile_rows(num_pairs, num_experts) == k_expert_tile_rows_large;
   if (hb.lo != nullptr)
     dispatch_grouped_gemm<false, true>(num_pairs, num_experts, stream, nullptr, ffn_out, num_slots, hb, topk_weights, w,
                                        groups, hidden, top_k, dense);

@@ -14,12 +14,19 @@ namespace moescope::cuda {
 // (the sums of t < n are the same as with the branch; those of t >= n are left for the caller to drop).
 // X_SHARED: x[t] points into shared memory (plain loads, not L1-cached global ones). before(): called
 // once by every lane after the first weight loads are issued (after the wait when WAIT), before x is read.
+// x_map(a, b, v): called on the two float4 of x[t] at vector v (elements 8 v .. 8 v + 7) before they
+// are dotted (gemv_normed: the RMSNorm applied on the fly); the default leaves them.
 struct NoHook {
   __device__ void operator()() const {}
 };
-template <int ROWS, int MAXT, bool WAIT = false, bool CLAMPED = false, bool X_SHARED = false, class Before = NoHook>
+struct NoMap {
+  __device__ void operator()(float4&, float4&, int) const {}
+};
+template <int ROWS, int MAXT, bool WAIT = false, bool CLAMPED = false, bool X_SHARED = false, class Before = NoHook,
+          class XMap = NoMap>
 __device__ __forceinline__ void warp_dot_rows(float (&acc)[MAXT][ROWS], const bf16* const (&w)[ROWS],
-                                              const float* const (&x)[MAXT], int n, int k, Before before = {}) {
+                                              const float* const (&x)[MAXT], int n, int k, Before before = {},
+                                              XMap x_map = {}) {
   constexpr int U = 8 / ROWS;  // vectors per row per lane per step: 8 loads of 16 bytes in flight
   const int lane = threadIdx.x & 31;
 #pragma unroll
@@ -48,7 +55,8 @@ __device__ __forceinline__ void warp_dot_rows(float (&acc)[MAXT][ROWS], const bf
           if (CLAMPED || t < n) {
             const float4* xv = reinterpret_cast<const float4*>(x[t] + v * 8);
             // Activations: L1-cached (every warp of an SM reads the same x), never the read-only path.
-            const float4 a = X_SHARED ? xv[0] : __ldca(xv), b = X_SHARED ? xv[1] : __ldca(xv + 1);
+            float4 a = X_SHARED ? xv[0] : __ldca(xv), b = X_SHARED ? xv[1] : __ldca(xv + 1);
+            x_map(a, b, v);
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) acc[t][r] = dot8(wv[u][r], a, b, acc[t][r]);
           }
@@ -61,6 +69,42 @@ __device__ __forceinline__ void warp_dot_rows(float (&acc)[MAXT][ROWS], const bf
 #pragma unroll
     for (int r = 0; r < ROWS; ++r)
       if (CLAMPED || t < n) acc[t][r] = warp_sum(acc[t][r]);
+}
+
+// acc[j] = w[j] . x[j] over k elements for j < n (n <= J), summed over the warp (every lane gets the sums):
+// J rows with vectors of their own, their loads in flight together (16 a lane). Each sum is warp_dot_rows's
+// for that row and vector to the bit: every lane adds its vectors lane + 32 m in increasing m, then
+// warp_sum. Rows j >= n are neither loaded nor summed (acc[j] = 0).
+template <int J>
+__device__ __forceinline__ void warp_dot_pairs(float (&acc)[J], const bf16* const (&w)[J], const float* const (&x)[J],
+                                               int n, int k) {
+  constexpr int U = J >= 16 ? 1 : 16 / J;  // vectors per row per lane per step
+  const int lane = threadIdx.x & 31, num_vec = k >> 3;
+#pragma unroll
+  for (int j = 0; j < J; ++j) acc[j] = 0.0f;
+  for (int base = 0; base < num_vec; base += 32 * U) {
+    uint4 wv[J][U];
+#pragma unroll
+    for (int j = 0; j < J; ++j)
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int v = base + u * 32 + lane;
+        wv[j][u] = j < n && v < num_vec ? load_stream(w[j] + v * 8) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+    for (int j = 0; j < J; ++j)
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int v = base + u * 32 + lane;
+        if (j < n && v < num_vec) {
+          const float4* xv = reinterpret_cast<const float4*>(x[j] + v * 8);
+          acc[j] = dot8(wv[j][u], __ldca(xv), __ldca(xv + 1), acc[j]);
+        }
+      }
+  }
+#pragma unroll
+  for (int j = 0; j < J; ++j)
+    if (j < n) acc[j] = warp_sum(acc[j]);
 }
 
 // Weight rows a warp takes at once in the small path: with 4 or more tokens, 4 rows share each load of

@@ -67,6 +67,13 @@ constexpr int k_small_batch_max_tokens = 8;
 void gemv(float* y, int ldy, const float* x, const bf16* w, int num_tokens, int n, int k, bool accumulate,
           cudaStream_t stream);
 
+// One token: y[n] = w[n] . RMSNorm(x) with norm_weight and eps (HF's RMSNorm in f32), each warp norming x
+// itself as router_small does (inv_rms * (w[n] . (norm_weight * x)): the same sum in another order), so
+// that no norm kernel runs before it (a decode step of one sequence, whose previous down
+// kernel folded the feed-forward output into x: experts_down_fold). x: [k] f32; w: [n, k] bf16; y: [n].
+void gemv_normed(float* y, const float* x, const float* norm_weight, float eps, const bf16* w, int n, int k,
+                 cudaStream_t stream);
+
 // --- q/k/v: bias, q/k norm, clip, RoPE and the KV-cache write in one kernel (qkv.cu) ---------------
 
 // Where q/k RMSNorm applies (ModelConfig's QkNorm; kept apart so that the .cu files need no model headers).
@@ -232,6 +239,14 @@ void experts_gate_up_small(float* h, int ld_h, const float* x, const ExpertWeigh
 void experts_down_small(float* ffn_out, int num_slots, const float* h, int ld_h, const float* topk_weights,
                         const ExpertWeights& w, const ExpertGroups& groups, int num_tokens, int hidden,
                         int num_experts, int top_k, cudaStream_t stream);
+// One token: the down projections of experts_down_small folded straight into the residual, x[n] +=
+// sum over slots, each slot computed as there (the same sums to the bit) and added in rms_norm's fold
+// order (routed slots j = 0 .. top_k - 1 weighted, then the dense group times shared_gate[0] when given).
+// A warp takes one output element n for every slot, so no slot goes through memory and no norm kernel
+// needs to fold. h: as experts_gate_up_small wrote it (routed pair j in row j, the dense row top_k);
+// topk_ids, topk_weights: [top_k] (top_k 0: the dense MLP alone); x: [hidden].
+void experts_down_fold(float* x, const float* h, int ld_h, const int32_t* topk_ids, const float* topk_weights,
+                       const float* shared_gate, const ExpertWeights& w, int hidden, int top_k, cudaStream_t stream);
 
 // Large passes: grouped GEMMs on the tensor cores over the expert-sorted pairs.
 // Gate/up with SwiGLU fused: hb[s] = silu(g) * u for sorted row s (its token's xb row gathered).
