@@ -60,6 +60,24 @@ step bench_high 150 build-cuda/moescope bench "$model" --device cuda --batch 1,6
 step bench_nopdl 120 env MOESCOPE_CUDA_PDL=0 build-cuda/moescope bench "$model" --device cuda --batch 1,64 --repeats 3 \
   --prefill 1x2048
 step bench_eager 120 build-cuda/moescope bench "$model" --device cuda --batch 1,64 --repeats 2 --enforce-eager
+# Switches still off by default until measured (docs/CUDA.md "Diagnostic switches"): the backend tests with
+# them on, then the benchmark with them off and on, alternated twice in the same call (SHARED_GROUPED moves
+# the prefill figures, DOWN_FOLD batch 1's).
+AB_SWITCHES="MOESCOPE_CUDA_SHARED_GROUPED MOESCOPE_CUDA_DOWN_FOLD"
+ab_env() { local v=$1 e="" n; for n in $AB_SWITCHES; do e="$e $n=$v"; done; echo "$e"; }
+# shellcheck disable=SC2046  # one word per NAME=VALUE
+step backend_switches_on 200 env $(ab_env 1) build-cuda/tests/cuda_backend_test
+ab() {
+  local v
+  for v in 0 1 0 1; do
+    echo "== switches $v:$(ab_env "$v")"
+    # shellcheck disable=SC2046
+    env $(ab_env "$v") build-cuda/moescope bench "$model" --device cuda --batch 1 --repeats 3 --prefill 1x2048,16x512 || return
+  done
+}
+export -f ab ab_env
+export AB_SWITCHES model
+step switches_ab 200 bash -c ab
 # The kernels alone (Google Benchmark, CUDA events): prefill and decode attention, the grouped expert GEMMs.
 if [ -x build-cuda/cuda_kernels_bench ]; then
   step kernels_bench 200 env LD_LIBRARY_PATH="$PWD/build-cuda/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
@@ -76,6 +94,8 @@ echo "== backend tests"; grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|error:|E
 echo "== transformers side by side"; grep -E "SUMMARY|FAILED|SKIPPED|OUT OF GPU MEMORY|WARNING|Error" "$out/hf_side_by_side.log" 2>/dev/null | cut -c1-240 | head -30
 echo "== real size vs transformers"; grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|real size|Expected|Which is|actual|Skipped" "$out/real_size.log" 2>/dev/null | cut -c1-300 | head -60
 echo "== kernels_bench"; grep -E "^BM_" "$out/kernels_bench.log" 2>/dev/null | sed -E 's/NVIDIA[^,]*, //' | cut -c1-200
+echo "== backend tests with the switches on"; grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|Which is" "$out/backend_switches_on.log" 2>/dev/null | cut -c1-220 | head -20
+echo "== switches off / on"; grep -E "^== switches|^prefill|^ +1 |checksum" "$out/switches_ab.log" 2>/dev/null | cut -c1-220
 for b in bench bench_high bench_nopdl bench_eager; do echo "== $b"; grep -vE "^(command|moescope bench)" "$out/$b.log" 2>/dev/null | tail -30; done
 echo "== demo on the GPU"; grep -E "on cuda|demo:|== |exit" "$out/demo_gpu.log" 2>/dev/null | head -20
 echo "== decode and prefill tok/s, moescope (bench.json: 32 steps after a 128-token prompt) beside transformers (hf_throughput.json: generate, 127 steps after a 128-token prompt)"
