@@ -128,6 +128,11 @@ __device__ __forceinline__ float warp_inv_rms(float lane_sum_sq, int n, float ep
   return 1.0f / sqrtf(warp_sum(lane_sum_sq) / static_cast<float>(n) + eps);
 }
 
+// The fold of the feed-forward slots into the residual, one element at a time: block_out starts at 0 and
+// takes fold_slot(block_out, scale, slot) for each slot in order, then x + block_out. One order of
+// operations (an fma per slot) for rms_norm's fold and experts_down_fold, which must agree to the bit.
+__device__ __forceinline__ float fold_slot(float block_out, float scale, float slot) { return fmaf(scale, slot, block_out); }
+
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }

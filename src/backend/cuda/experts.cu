@@ -192,8 +192,7 @@ __global__ void __launch_bounds__(k_small_warps * 32)
 // One token (experts_down_fold): warp n takes output element n of every slot. The dense group's row first
 // (its weights load before the wait), then the routed experts' rows k_fold_experts at a time with their
 // loads in flight together (warp_dot_pairs, the same sums as down_small_kernel's warp_dot_rows<1, 1>),
-// then x[n] += the slots in rms_norm's fold order: block_out = fma(scale, slot, block_out) from 0 over the
-// slots, x + block_out. The routed slot is weight x sum rounded on its own (__fmul_rn: not contracted
+// then x[n] += the slots in rms_norm's fold order (fold_slot). The routed slot is weight x sum rounded on its own (__fmul_rn: not contracted
 // into the fold's fma), as down_small_kernel stores it.
 constexpr int k_fold_experts = 4;
 __global__ void __launch_bounds__(k_small_warps * 32)
@@ -225,9 +224,9 @@ __global__ void __launch_bounds__(k_small_warps * 32)
     warp_dot_pairs<k_fold_experts>(acc, rows, hs, min(k_fold_experts, top_k - j0), w.inter);
 #pragma unroll
     for (int j = 0; j < k_fold_experts; ++j)
-      if (j0 + j < top_k) block_out = fmaf(1.0f, __fmul_rn(topk_weights[j0 + j], acc[j]), block_out);
+      if (j0 + j < top_k) block_out = fold_slot(block_out, 1.0f, __fmul_rn(topk_weights[j0 + j], acc[j]));
   }
-  if (w.dense_down != nullptr) block_out = fmaf(shared_gate != nullptr ? shared_gate[0] : 1.0f, dense, block_out);
+  if (w.dense_down != nullptr) block_out = fold_slot(block_out, shared_gate != nullptr ? shared_gate[0] : 1.0f, dense);
   if (lane == 0) x[n] = x[n] + block_out;
 }
 

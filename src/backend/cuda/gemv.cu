@@ -37,15 +37,12 @@ __global__ void __launch_bounds__(k_warps_per_block * 32)
 // its row with norm_weight * x while summing x's squares from the same loads (sum_squares8 over vectors
 // lane + 32 m), then scales the sum by the inverse RMS (warp_inv_rms). No pass over x before the products,
 // so the norm adds no round trip to the chain.
-template <int ROWS>
 __global__ void __launch_bounds__(k_warps_per_block * 32)
     gemv_normed_kernel(float* y, const float* x, const float* norm_weight, float eps, const bf16* w, int n, int k) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int row0 = (blockIdx.x * k_warps_per_block + warp) * ROWS;
-  if (row0 >= n) return;
-  const bf16* rows[ROWS];
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r) rows[r] = w + static_cast<int64_t>(min(row0 + r, n - 1)) * k;
+  const int row = blockIdx.x * k_warps_per_block + warp;  // one row a warp
+  if (row >= n) return;
+  const bf16* rows[1] = {w + static_cast<int64_t>(row) * k};
   const float* xs[1] = {x};
   const float4* w4 = reinterpret_cast<const float4*>(norm_weight);
   float sum_sq = 0.0f;
@@ -55,13 +52,10 @@ __global__ void __launch_bounds__(k_warps_per_block * 32)
     a = make_float4(wa.x * a.x, wa.y * a.y, wa.z * a.z, wa.w * a.w);
     b = make_float4(wb.x * b.x, wb.y * b.y, wb.z * b.z, wb.w * b.w);
   };
-  float acc[1][ROWS];
-  warp_dot_rows<ROWS, 1, true>(acc, rows, xs, 1, k, NoHook{}, weigh);  // waits for the previous kernel inside
+  float acc[1][1];
+  warp_dot_rows<1, 1, true>(acc, rows, xs, 1, k, NoHook{}, weigh);  // waits for the previous kernel inside
   const float inv = warp_inv_rms(sum_sq, k, eps);
-  if (lane != 0) return;
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r)
-    if (row0 + r < n) y[row0 + r] = acc[0][r] * inv;
+  if (lane == 0) y[row] = acc[0][0] * inv;
 }
 
 template <int ROWS>
@@ -81,7 +75,7 @@ void gemv_normed(float* y, const float* x, const float* norm_weight, float eps, 
                  cudaStream_t stream) {
   if (n == 0) return;
   if (k % 8 != 0) argument_error("gemv_normed", "k must be a multiple of 8");
-  launch_kernel(gemv_normed_kernel<1>, ceil_div(n, k_warps_per_block), k_warps_per_block * 32, 0, stream, y, x,
+  launch_kernel(gemv_normed_kernel, ceil_div(n, k_warps_per_block), k_warps_per_block * 32, 0, stream, y, x,
                 norm_weight, eps, w, n, k);
   CUDA_CHECK_LAUNCH();
 }

@@ -16,11 +16,11 @@ __global__ void embed_kernel(float* x, const bf16* table, const int32_t* token_i
 
 constexpr int k_norm_vecs = 2;  // float4 per thread: hidden <= 8 * 1024
 
-__device__ __forceinline__ void add_scaled(float4& a, float s, float4 b) {
-  a.x += s * b.x;
-  a.y += s * b.y;
-  a.z += s * b.z;
-  a.w += s * b.w;
+__device__ __forceinline__ void fold_slot4(float4& block_out, float scale, float4 slot) {
+  block_out.x = fold_slot(block_out.x, scale, slot.x);
+  block_out.y = fold_slot(block_out.y, scale, slot.y);
+  block_out.z = fold_slot(block_out.z, scale, slot.z);
+  block_out.w = fold_slot(block_out.w, scale, slot.w);
 }
 
 // One block per row; each thread keeps its (at most 2) float4 of the row in registers, so every load of a
@@ -53,14 +53,14 @@ __global__ void __launch_bounds__(1024) rms_norm_kernel(float* out, Bf16Pair out
 #pragma unroll
       for (int j = 0; j < k_norm_vecs; ++j) {
         const int i = tid + j * threads;
-        if (i < nv) add_scaled(block_out[j], scale, fs[i]);
+        if (i < nv) fold_slot4(block_out[j], scale, fs[i]);
       }
     }
 #pragma unroll
     for (int j = 0; j < k_norm_vecs; ++j) {
       const int i = tid + j * threads;
       if (i < nv) {
-        add_scaled(v[j], 1.0f, block_out[j]);
+        v[j] = make_float4(v[j].x + block_out[j].x, v[j].y + block_out[j].y, v[j].z + block_out[j].z, v[j].w + block_out[j].w);
         xt[i] = v[j];
       }
     }
